@@ -122,11 +122,13 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 
     # 1. Diagonal blocks (§6.1): inside a chunk, y = (L ∘ C Bᵀ) (Δ x), the quadratic "attention" form (§4).
     L = torch.exp(segsum(a))                                                       # (batch, nheads, nchunks, chunk, chunk)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bhcs,bcshp->bclhp", C_, B_, L, delta, x_)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C_, B_) * L * delta[..., None, :]  # M_ts = C_t·B_s L_ts Δ_s
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, x_)
 
     # 2. Chunk states (§6.2, right factors): each chunk's own contribution to the state at its end.
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)                       # (batch, nheads, nchunks, chunk)
-    states = torch.einsum("bclhn,bhcl,bhcl,bclhp->bchpn", B_, decay_to_end, delta, x_)
+    B_weighted = B_ * rearrange(decay_to_end * delta, "b h c l -> b c l h 1")       # exp(ΣΔA from s to the end) Δ_s B_s
+    states = torch.einsum("bclhn,bclhp->bchpn", B_weighted, x_)                   # (batch, nchunks, nheads, headdim, dstate)
 
     # 3. State passing (§6.2, center factors): h_c = exp(ΣΔA over chunk c) h_{c-1} + states_c, across chunks.
     if initial_state is None:
@@ -137,7 +139,7 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
     prev_states, final_state = states[:, :-1], states[:, -1]                     # state entering each chunk; the last
 
     # 4. State to output (§6.2, left factors): y_t += exp(Σ_{s≤t} Δ_s A) h_{c-1} C_t.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C_, prev_states, torch.exp(a_cumsum))
+    y_off = torch.einsum("bclhn,bchpn->bclhp", C_, prev_states) * rearrange(torch.exp(a_cumsum), "b h c l -> b c l h 1")
 
     y = rearrange(y_diag + y_off, "b c l h p -> b (c l) h p")[:, :seqlen]
     if D is not None:
@@ -149,9 +151,49 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. The chunked algorithm as Triton kernels
 #
-# The wrapper turns dt into Δ and a_cumsum = cumsum(Δ A) per chunk with PyTorch (tiny tensors, autograd takes the
-# gradient through softplus, bias, A and the cumsum), then three kernels do the forward (steps 2, 3, then 1+4 fused)
-# and four do the backward. Δ and a_cumsum are padded to whole chunks with Δ = 0, so the kernels mask only x, B, C.
+# The wrapper turns dt into Δ and acs = a_cumsum = cumsum(Δ A) per chunk with PyTorch (tiny tensors; autograd takes
+# the gradient through softplus, bias, A and the cumsum). Δ and acs are padded to whole chunks with Δ = 0, so the
+# kernels mask only x, B and C, and the padding neither decays nor feeds the state.
+#   forward:  CB = C Bᵀ per chunk and group, shared by the group's heads  (_chunk_cb_kernel)
+#             step 2, chunk states                                        (_chunk_state_kernel)
+#             step 3, state passing                                       (_state_passing_kernel)
+#             steps 1 + 4, the outputs                                    (_chunk_scan_fwd_kernel)
+#   backward: steps 2 and 3 again, then the same two kernels carry ∂L/∂state backwards; dx and ∂L/∂Δ per head
+#             (_chunk_scan_bwd_dx_kernel); dB and dC per group, summing the group's heads before the matmul with
+#             C or B, which the heads share (_chunk_scan_bwd_db_kernel, _chunk_scan_bwd_dc_kernel).
+
+
+@triton.jit
+def _chunk_cb_kernel(
+    C_ptr, B_ptr, cb_ptr,
+    seqlen, N,
+    stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
+    stride_cb_b, stride_cb_c, stride_cb_g,
+    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """cb[b, c, g, t, s] = C_t·B_s inside chunk c: the scores C Bᵀ of the diagonal block (ssd_reference step 1) before
+    the causal mask, the decay and Δ. Only the tiles on or below the diagonal (s-tile ≤ t-tile) are written; positions
+    past the sequence's end are 0."""
+    pid_mk, pid_bc, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles = CHUNK // BLOCK_M
+    m0, k0 = (pid_mk // tiles) * BLOCK_M, (pid_mk % tiles) * BLOCK_M
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    chunk_len = tl.minimum(CHUNK, seqlen - c * CHUNK)
+    if k0 > m0:
+        return
+    offs_m, offs_k = m0 + tl.arange(0, BLOCK_M), k0 + tl.arange(0, BLOCK_M)
+    bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                      mask=(offs_m[:, None] < chunk_len) & (offs_n[None, :] < N), other=0.0)   # (BLOCK_M, BLOCK_N)
+        B_s = tl.load(B_ptr + bc_off + offs_k[None, :] * stride_bc_l + offs_n[:, None] * stride_bc_n,
+                      mask=(offs_k[None, :] < chunk_len) & (offs_n[:, None] < N), other=0.0)   # (BLOCK_N, BLOCK_M)
+        acc += tl.dot(C_t, B_s, input_precision=DOT_PRECISION)
+    cb_ptr += b.to(tl.int64) * stride_cb_b + c * stride_cb_c + g * stride_cb_g
+    tl.store(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :], acc)
 
 
 @triton.jit
@@ -167,8 +209,8 @@ def _chunk_state_kernel(
 ):
     """out[b, c, h] = Σ_{s in chunk c} w_s u_s v_sᵀ, a (P, N) summary of one chunk for one head. Used twice:
 
-    TO_END=True:  chunk states, u = x, v = B, w_s = exp(a_cumsum_end − a_cumsum_s) Δ_s.   Must match ssd_reference step 2.
-    TO_END=False: gradient of step 4 w.r.t. the state entering the chunk, u = dy, v = C, w_s = exp(a_cumsum_s).
+    TO_END=True:  chunk states, u = x, v = B, w_s = exp(acs_end − acs_s) Δ_s.   Must match ssd_reference step 2.
+    TO_END=False: gradient of step 4 w.r.t. the state entering the chunk, u = dy, v = C, w_s = exp(acs_s).
     """
     pid_pn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
@@ -205,7 +247,7 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_passing_kernel(
-    states_ptr, acs_end_ptr, init_ptr, final_ptr,
+    states_ptr, acs_end_ptr, init_ptr, final_ptr, fwd_states_ptr, dots_ptr,
     nchunks, dim,
     stride_s_b, stride_s_c, stride_s_h,
     stride_a_b, stride_a_h, stride_a_c,
@@ -214,13 +256,15 @@ def _state_passing_kernel(
 ):
     """The linear recurrence across chunks, in place: R ← exp(a_c) R + s_c, with a_c = Σ Δ A over chunk c.
 
-    On entry states[c] holds s_c, on exit the R that entered chunk c; final gets the last R.  Forward: s_c are the chunk
+    On entry states[c] holds s_c, on exit the R that entered chunk c; final gets the last R. Forward: s_c are the chunk
     states and R the SSM state (must match ssd_reference step 3). REVERSE walks the chunks backwards: with s_c the
-    output gradients of step 4 it carries ∂L/∂state from the end of the sequence to the start."""
+    output gradients of step 4, R is ∂L/∂(state at the end of chunk c) when chunk c is reached, and the kernel also
+    writes this block's share of exp(a_c) ⟨R, fwd_states[c]⟩, the gradient of the decay that step 3 applies to the
+    state carried through chunk c, to dots[b, h, c, block]."""
     pid, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < dim
-    states_ptr += b.to(tl.int64) * stride_s_b + h * stride_s_h + offs
+    s_off = b.to(tl.int64) * stride_s_b + h * stride_s_h + offs
     acs_end_ptr += b * stride_a_b + h * stride_a_h
     if HAS_INIT:
         R = tl.load(init_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, mask=mask, other=0.0)
@@ -228,30 +272,36 @@ def _state_passing_kernel(
         R = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nchunks):
         c = nchunks - 1 - i if REVERSE else i
-        s = tl.load(states_ptr + c * stride_s_c, mask=mask, other=0.0)
-        tl.store(states_ptr + c * stride_s_c, R, mask=mask)
-        R = tl.exp(tl.load(acs_end_ptr + c * stride_a_c)) * R + s
+        s = tl.load(states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
+        decay = tl.exp(tl.load(acs_end_ptr + c * stride_a_c))
+        tl.store(states_ptr + s_off + c * stride_s_c, R, mask=mask)
+        if REVERSE:
+            carried = decay * tl.load(fwd_states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
+            tl.store(dots_ptr + ((b * tl.num_programs(2) + h) * nchunks + c) * tl.num_programs(0) + pid,
+                     tl.sum(R * carried))
+        R = decay * R + s
     tl.store(final_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, R, mask=mask)
 
 
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, states_ptr, D_ptr, y_ptr,
+    x_ptr, delta_ptr, acs_ptr, C_ptr, cb_ptr, states_ptr, D_ptr, y_ptr,
     seqlen, heads_per_group, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
+    stride_cb_b, stride_cb_c, stride_cb_g,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     CHUNK: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Outputs of a block of rows t of one chunk and head:
 
         y_t = Σ_{s ≤ t in chunk} (C_t·B_s) exp(acs_t − acs_s) Δ_s x_s   +   exp(acs_t) R_c C_t   +   D x_t
-              (step 1: diagonal block)                                     (step 4: state to output)
+              (step 1: diagonal block, C_t·B_s read from cb)              (step 4: state to output)
 
-    with acs = a_cumsum and R_c the state entering the chunk.  Must match ssd_reference steps 1 and 4 (plus D)."""
+    with R_c the state entering the chunk.  Must match ssd_reference steps 1 and 4 (plus D)."""
     pid_mp, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
@@ -264,43 +314,41 @@ def _chunk_scan_fwd_kernel(
     if m0 >= chunk_len:
         return
 
+    g = pid_h // heads_per_group
     x_ptr += b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l + pid_h * stride_x_h
-    bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + (pid_h // heads_per_group) * stride_bc_g
+    cb_ptr += b.to(tl.int64) * stride_cb_b + c * stride_cb_c + g * stride_cb_g
     a_off = b * stride_a_b + pid_h * stride_a_h + c * stride_a_c
     in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
-
-    C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
     acs_t = tl.load(acs_ptr + a_off + offs_m)
 
     # step 4: the state entering the chunk, read out by C_t and decayed to t
+    C_t = tl.load(C_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
+                  + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
     R = tl.load(states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
                 + offs_n[:, None] + offs_p[None, :] * stride_s_p,
                 mask=in_n[:, None] & in_p[None, :], other=0.0)                             # (BLOCK_N, BLOCK_P) = R_cᵀ
     acc = tl.dot(C_t, R.to(C_t.dtype), input_precision=DOT_PRECISION) * tl.exp(acs_t)[:, None]
 
     # step 1: the causal diagonal block, only s-blocks at or before this row block
-    for k0 in range(0, tl.minimum(m0 + BLOCK_M, chunk_len), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < chunk_len
-        B_s = tl.load(B_ptr + bc_off + offs_k[None, :] * stride_bc_l + offs_n[:, None] * stride_bc_n,
-                      mask=in_k[None, :] & in_n[:, None], other=0.0)                       # (BLOCK_N, BLOCK_K)
-        CB = tl.dot(C_t, B_s, input_precision=DOT_PRECISION)                               # (BLOCK_M, BLOCK_K)
+    for k0 in range(0, m0 + BLOCK_M, BLOCK_M):
+        offs_k = k0 + tl.arange(0, BLOCK_M)
+        cb = tl.load(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :])                 # (BLOCK_M, BLOCK_M)
         acs_s = tl.load(acs_ptr + a_off + offs_k)
         delta_s = tl.load(delta_ptr + a_off + offs_k)
-        causal = offs_m[:, None] >= offs_k[None, :]
-        w = tl.where(causal, tl.exp(acs_t[:, None] - acs_s[None, :]), 0.0) * delta_s[None, :]
+        w = tl.exp(tl.where(offs_m[:, None] >= offs_k[None, :], acs_t[:, None] - acs_s[None, :], -float("inf")))
         x_s = tl.load(x_ptr + offs_k[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                      mask=in_k[:, None] & in_p[None, :], other=0.0)                       # (BLOCK_K, BLOCK_P)
-        acc += tl.dot((CB * w).to(x_s.dtype), x_s, input_precision=DOT_PRECISION)
+                      mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)       # (BLOCK_M, BLOCK_P)
+        acc += tl.dot((cb * w * delta_s[None, :]).to(x_s.dtype), x_s, input_precision=DOT_PRECISION)
 
-    x_t_ptrs = x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
     if HAS_D:
         if D_HAS_HDIM:
             Dv = tl.load(D_ptr + pid_h * P + offs_p, mask=in_p, other=0.0).to(tl.float32)[None, :]
         else:
             Dv = tl.load(D_ptr + pid_h).to(tl.float32)
-        acc += Dv * tl.load(x_t_ptrs, mask=in_m[:, None] & in_p[None, :], other=0.0).to(tl.float32)
+        x_t = tl.load(x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                      mask=in_m[:, None] & in_p[None, :], other=0.0)
+        acc += Dv * x_t.to(tl.float32)
     y_ptr += b.to(tl.int64) * stride_y_b + (c * CHUNK) * stride_y_l + pid_h * stride_y_h
     tl.store(y_ptr + offs_m[:, None] * stride_y_l + offs_p[None, :] * stride_y_p, acc,
              mask=in_m[:, None] & in_p[None, :])
@@ -308,26 +356,29 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, dy_ptr, dstates_ptr, D_ptr,
-    dx_ptr, ddelta_ptr, dB_ptr, bdb_ptr,
+    x_ptr, delta_ptr, acs_ptr, B_ptr, cb_ptr, dy_ptr, dstates_ptr, D_ptr,
+    dx_ptr, ddelta_ptr, dD_ptr, da_state_ptr, da_pairs_ptr,
     seqlen, heads_per_group, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
+    stride_cb_b, stride_cb_c, stride_cb_g,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
-    stride_db_b, stride_db_l, stride_db_h,
+    stride_pair_b, stride_pair_h, stride_pair_c, stride_pair_m,
     CHUNK: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gradients that flow out of a block of rows s of one chunk and head, given G_c = ∂L/∂(state at the chunk's end):
 
         dx'_s = Σ_{t ≥ s} (C_t·B_s) exp(acs_t − acs_s) dy_t  +  exp(acs_end − acs_s) G_c B_s
         dx_s  = Δ_s dx'_s + D dy_s           ∂L/∂Δ_s = x_s·dx'_s   (the part through the Δ_s x_s factor)
-        dB_s  = Δ_s [Σ_{t ≥ s} exp(acs_t − acs_s) (dy_t·x_s) C_t  +  exp(acs_end − acs_s) G_cᵀ x_s]   (this head's share)
-        bdb_s = B_s·dB_s, which is this head's −∂L/∂acs_s from steps 1 and 2 (see _SSDScan.backward).
 
-    Must match the autograd gradients of ssd_reference."""
+    and two parts of ∂L/∂a_τ, a_τ = Δ_τ A the log-decay of step τ, which every exp(acs_t − acs_s) with s < τ ≤ t holds:
+        da_pairs[.., m, τ] = Σ_{s in this block, s < τ} Σ_{t ≥ τ} M_ts,  M_ts = Δ_s (C_t·B_s) exp(acs_t − acs_s) dy_t·x_s
+        da_state[s]        = Δ_s x_s·(exp(acs_end − acs_s) G_c B_s), the caller sums it over s < τ (chunk state)
+    Summing only the pairs that straddle τ keeps these sums free of cancellation. Also this block's share of
+    dD = Σ_s dy_s x_s. Must match the autograd gradients of ssd_reference."""
     pid_m, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
@@ -339,83 +390,88 @@ def _chunk_scan_bwd_dx_kernel(
     if m0 >= chunk_len:
         return
 
-    row_off = b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l + pid_h * stride_x_h
+    g = pid_h // heads_per_group
+    x_ptr += b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l + pid_h * stride_x_h
     dy_ptr += b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l + pid_h * stride_dy_h
-    bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + (pid_h // heads_per_group) * stride_bc_g
+    cb_ptr += b.to(tl.int64) * stride_cb_b + c * stride_cb_c + g * stride_cb_g
     a_off = b * stride_a_b + pid_h * stride_a_h + c * stride_a_c
     in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
+    mask_mp = in_m[:, None] & in_p[None, :]
 
-    B_s = tl.load(B_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
-    x_s = tl.load(x_ptr + row_off + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                  mask=in_m[:, None] & in_p[None, :], other=0.0)                           # (BLOCK_M, BLOCK_P)
+    x_s = tl.load(x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0)
     acs_s = tl.load(acs_ptr + a_off + offs_m)
     delta_s = tl.load(delta_ptr + a_off + offs_m)
-    decay_end = tl.exp(tl.load(acs_ptr + a_off + CHUNK - 1) - acs_s)
 
     # through the chunk's end state (step 2)
+    B_s = tl.load(B_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
+                  + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
     G = tl.load(dstates_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
-                + offs_p[:, None] * stride_s_p + offs_n[None, :],
-                mask=in_p[:, None] & in_n[None, :], other=0.0)                             # (BLOCK_P, BLOCK_N)
-    dxp = tl.dot(B_s, tl.trans(G).to(B_s.dtype), input_precision=DOT_PRECISION) * decay_end[:, None]
-    dB = tl.dot(x_s, G.to(x_s.dtype), input_precision=DOT_PRECISION) * (decay_end * delta_s)[:, None]
+                + offs_n[:, None] + offs_p[None, :] * stride_s_p,
+                mask=in_n[:, None] & in_p[None, :], other=0.0)                             # (BLOCK_N, BLOCK_P) = G_cᵀ
+    decay_end = tl.exp(tl.load(acs_ptr + a_off + CHUNK - 1) - acs_s)
+    dxp = tl.dot(B_s, G.to(B_s.dtype), input_precision=DOT_PRECISION) * decay_end[:, None]
+    tl.store(da_state_ptr + a_off + offs_m, delta_s * tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
 
-    # through the later outputs of the same chunk (step 1), t ≥ s
-    for k0 in range(m0, chunk_len, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < chunk_len
-        C_t = tl.load(C_ptr + bc_off + offs_k[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_K, BLOCK_N)
-        dy_t = tl.load(dy_ptr + offs_k[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
-                       mask=in_k[:, None] & in_p[None, :], other=0.0)                      # (BLOCK_K, BLOCK_P)
+    # through the later outputs of the same chunk (step 1), t ≥ s: t-blocks from the last back to this one, so that
+    # `later` holds Σ_{t in the blocks after this one} M_ts for each row s
+    later = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    last = (chunk_len - 1) // BLOCK_M
+    da_pairs_ptr += b * stride_pair_b + pid_h * stride_pair_h + c * stride_pair_c + pid_m * stride_pair_m
+    for i in range(0, last - pid_m + 1):
+        offs_k = (last - i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cb_T = tl.load(cb_ptr + offs_k[None, :] * CHUNK + offs_m[:, None])               # (BLOCK_M, BLOCK_M): C_t·B_s
         acs_t = tl.load(acs_ptr + a_off + offs_k)
-        w = tl.where(offs_k[None, :] >= offs_m[:, None], tl.exp(acs_t[None, :] - acs_s[:, None]), 0.0)
-        BC = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PRECISION)                    # (BLOCK_M, BLOCK_K)
-        dxp += tl.dot((BC * w).to(dy_t.dtype), dy_t, input_precision=DOT_PRECISION)
-        xdy = tl.dot(x_s, tl.trans(dy_t), input_precision=DOT_PRECISION)                  # (BLOCK_M, BLOCK_K)
-        dB += tl.dot((xdy * w * delta_s[:, None]).to(C_t.dtype), C_t, input_precision=DOT_PRECISION)
+        w = tl.exp(tl.where(offs_k[None, :] >= offs_m[:, None], acs_t[None, :] - acs_s[:, None], -float("inf")))
+        dy_t = tl.load(dy_ptr + offs_k[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
+                       mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)      # (BLOCK_M, BLOCK_P)
+        dxp += tl.dot((cb_T * w).to(dy_t.dtype), dy_t, input_precision=DOT_PRECISION)
+        pairs = tl.dot(x_s, tl.trans(dy_t), input_precision=DOT_PRECISION) * cb_T * w * delta_s[:, None]  # M_ts
+        straddle = tl.cumsum(pairs, axis=1, reverse=True) + later[:, None]                # Σ_{t ≥ τ} M_ts
+        tl.store(da_pairs_ptr + offs_k, tl.sum(tl.where(offs_m[:, None] < offs_k[None, :], straddle, 0.0), axis=0))
+        later += tl.sum(pairs, axis=1)
 
     dx = dxp * delta_s[:, None]
     if HAS_D:
-        if D_HAS_HDIM:
-            Dv = tl.load(D_ptr + pid_h * P + offs_p, mask=in_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + pid_h).to(tl.float32)
         dy_s = tl.load(dy_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
-                       mask=in_m[:, None] & in_p[None, :], other=0.0)
-        dx += Dv * dy_s.to(tl.float32)
+                       mask=mask_mp, other=0.0).to(tl.float32)
+        if D_HAS_HDIM:
+            dx += tl.load(D_ptr + pid_h * P + offs_p, mask=in_p, other=0.0).to(tl.float32)[None, :] * dy_s
+        else:
+            dx += tl.load(D_ptr + pid_h).to(tl.float32) * dy_s
+        dD_ptr += ((pid_bc * tl.num_programs(0) + pid_m) * tl.num_programs(2) + pid_h) * P
+        tl.store(dD_ptr + offs_p, tl.sum(dy_s * x_s.to(tl.float32), axis=0), mask=in_p)
     dx_ptr += b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l + pid_h * stride_dy_h
-    tl.store(dx_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, dx,
-             mask=in_m[:, None] & in_p[None, :])
+    tl.store(dx_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, dx, mask=mask_mp)
     tl.store(ddelta_ptr + a_off + offs_m, tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
-    tl.store(bdb_ptr + a_off + offs_m, tl.sum(dB * B_s.to(tl.float32), axis=1), mask=in_m)
-    dB_ptr += b.to(tl.int64) * stride_db_b + (c * CHUNK) * stride_db_l + pid_h * stride_db_h
-    tl.store(dB_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
 
 
 @triton.jit
-def _chunk_scan_bwd_dc_kernel(
-    x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, dy_ptr, states_ptr,
-    dC_ptr, cdc_ptr,
-    seqlen, heads_per_group, P, N,
+def _chunk_scan_bwd_db_kernel(
+    x_ptr, delta_ptr, acs_ptr, C_ptr, dy_ptr, dstates_ptr, dB_ptr,
+    seqlen, heads_per_group, heads_per_program, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
-    stride_dc_b, stride_dc_l, stride_dc_h,
+    stride_db_b, stride_db_l, stride_db_split, stride_db_g,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradient w.r.t. C for a block of rows t of one chunk and head (this head's share):
+    """dB for a block of rows s of one chunk, summed over a slice of one group's heads h:
 
-        dC_t = Σ_{s ≤ t} exp(acs_t − acs_s) Δ_s (dy_t·x_s) B_s  +  exp(acs_t) R_cᵀ dy_t
-        cdc_t = C_t·dC_t = dy_t·(y_t − D x_t), this head's ∂L/∂acs_t from steps 1 and 4.
+        dB_s = Σ_h Δ_s^h exp(acs_end^h − acs_s^h) G_c^hᵀ x_s^h  +  Σ_{t ≥ s} [Σ_h Δ_s^h exp(acs_t^h − acs_s^h) (dy_t^h·x_s^h)] C_t
 
-    Must match the autograd gradients of ssd_reference."""
-    pid_m, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    The bracket is summed over the heads before the one matmul with C_t, which they share. Written per head slice
+    (dB[:, :, slice]), summed by the caller. Must match the autograd gradients of ssd_reference."""
+    pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
+    slices = tl.cdiv(heads_per_group, heads_per_program)
+    g, j = pid_gs // slices, pid_gs % slices
+    h_first = g * heads_per_group + j * heads_per_program
+    h_last = tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
@@ -424,48 +480,130 @@ def _chunk_scan_bwd_dc_kernel(
     if m0 >= chunk_len:
         return
 
-    row_off = b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l + pid_h * stride_x_h
-    dy_ptr += b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l + pid_h * stride_dy_h
-    bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + (pid_h // heads_per_group) * stride_bc_g
-    a_off = b * stride_a_b + pid_h * stride_a_h + c * stride_a_c
+    row = b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l
+    row_dy = b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l
     in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
+    x_s_ptrs = x_ptr + row + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
 
-    dy_t = tl.load(dy_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
-                   mask=in_m[:, None] & in_p[None, :], other=0.0)                          # (BLOCK_M, BLOCK_P)
-    acs_t = tl.load(acs_ptr + a_off + offs_m)
+    # through each head's chunk end state (step 2)
+    dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h in range(h_first, h_last):
+        a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
+        x_s = tl.load(x_s_ptrs + h * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+        G = tl.load(dstates_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + h * stride_s_h
+                    + offs_p[:, None] * stride_s_p + offs_n[None, :],
+                    mask=in_p[:, None] & in_n[None, :], other=0.0)                         # (BLOCK_P, BLOCK_N)
+        acs_s = tl.load(acs_ptr + a_off + offs_m)
+        scale = tl.exp(tl.load(acs_ptr + a_off + CHUNK - 1) - acs_s) * tl.load(delta_ptr + a_off + offs_m)
+        dB += tl.dot(x_s, G.to(x_s.dtype), input_precision=DOT_PRECISION) * scale[:, None]
 
-    # through the state entering the chunk (step 4)
-    R = tl.load(states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
-                + offs_p[:, None] * stride_s_p + offs_n[None, :],
-                mask=in_p[:, None] & in_n[None, :], other=0.0)                             # (BLOCK_P, BLOCK_N)
-    dC = tl.dot(dy_t, R.to(dy_t.dtype), input_precision=DOT_PRECISION) * tl.exp(acs_t)[:, None]
+    # through the later outputs of the same chunk (step 1), t ≥ s
+    for k0 in range(m0, chunk_len, BLOCK_M):
+        offs_k = k0 + tl.arange(0, BLOCK_M)
+        in_k = offs_k < chunk_len
+        scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for h in range(h_first, h_last):
+            a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
+            x_s = tl.load(x_s_ptrs + h * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+            dy_t = tl.load(dy_ptr + row_dy + h * stride_dy_h + offs_k[None, :] * stride_dy_l
+                           + offs_p[:, None] * stride_dy_p, mask=in_k[None, :] & in_p[:, None], other=0.0)
+            acs_s = tl.load(acs_ptr + a_off + offs_m)
+            acs_t = tl.load(acs_ptr + a_off + offs_k)
+            w = tl.exp(tl.where(offs_k[None, :] >= offs_m[:, None], acs_t[None, :] - acs_s[:, None], -float("inf")))
+            w *= tl.load(delta_ptr + a_off + offs_m)[:, None]
+            scores += tl.dot(x_s, dy_t, input_precision=DOT_PRECISION) * w                # (BLOCK_M, BLOCK_M)
+        C_t = tl.load(C_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
+                      + offs_k[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_M, BLOCK_N)
+        dB += tl.dot(scores.to(C_t.dtype), C_t, input_precision=DOT_PRECISION)
+
+    dB_ptr += b.to(tl.int64) * stride_db_b + (c * CHUNK) * stride_db_l + j * stride_db_split + g * stride_db_g
+    tl.store(dB_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _chunk_scan_bwd_dc_kernel(
+    x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, dC_ptr, da_out_ptr,
+    seqlen, heads_per_group, heads_per_program, P, N,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
+    stride_a_b, stride_a_h, stride_a_c,
+    stride_s_b, stride_s_c, stride_s_h, stride_s_p,
+    stride_db_b, stride_db_l, stride_db_split, stride_db_g,
+    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dC for a block of rows t of one chunk, summed over a slice of one group's heads h:
+
+        dC_t = Σ_h exp(acs_t^h) R_c^hᵀ dy_t^h  +  Σ_{s ≤ t} [Σ_h Δ_s^h exp(acs_t^h − acs_s^h) (dy_t^h·x_s^h)] B_s
+
+    written per head slice, summed by the caller; and, per head, da_out[t] = exp(acs_t^h) dy_t^h·R_c^h C_t, the
+    gradient w.r.t. acs_t of step 4 (the caller sums it over t ≥ τ into ∂L/∂a_τ).
+    Must match the autograd gradients of ssd_reference."""
+    pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    slices = tl.cdiv(heads_per_group, heads_per_program)
+    g, j = pid_gs // slices, pid_gs % slices
+    h_first = g * heads_per_group + j * heads_per_program
+    h_last = tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    chunk_len = tl.minimum(CHUNK, seqlen - c * CHUNK)
+    if m0 >= chunk_len:
+        return
+
+    row = b.to(tl.int64) * stride_x_b + (c * CHUNK) * stride_x_l
+    dy_t_ptrs = dy_ptr + b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l \
+        + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p
+    bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
+    in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
+    C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
+                  mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)             # (BLOCK_M, BLOCK_N)
+
+    # through each head's state entering the chunk (step 4)
+    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h in range(h_first, h_last):
+        a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
+        dy_t = tl.load(dy_t_ptrs + h * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+        R = tl.load(states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + h * stride_s_h
+                    + offs_p[:, None] * stride_s_p + offs_n[None, :],
+                    mask=in_p[:, None] & in_n[None, :], other=0.0)                         # (BLOCK_P, BLOCK_N)
+        dC_h = tl.dot(dy_t, R.to(dy_t.dtype), input_precision=DOT_PRECISION) \
+            * tl.exp(tl.load(acs_ptr + a_off + offs_m))[:, None]
+        dC += dC_h
+        tl.store(da_out_ptr + a_off + offs_m, tl.sum(dC_h * C_t, axis=1), mask=in_m)
 
     # through the diagonal block (step 1), s ≤ t
-    for k0 in range(0, tl.minimum(m0 + BLOCK_M, chunk_len), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, m0 + BLOCK_M, BLOCK_M):
+        offs_k = k0 + tl.arange(0, BLOCK_M)
         in_k = offs_k < chunk_len
-        x_s = tl.load(x_ptr + row_off + offs_k[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
-                      mask=in_k[None, :] & in_p[:, None], other=0.0)                       # (BLOCK_P, BLOCK_K)
+        scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for h in range(h_first, h_last):
+            a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
+            dy_t = tl.load(dy_t_ptrs + h * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+            x_s = tl.load(x_ptr + row + h * stride_x_h + offs_k[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
+                          mask=in_k[None, :] & in_p[:, None], other=0.0)                 # (BLOCK_P, BLOCK_M)
+            acs_t = tl.load(acs_ptr + a_off + offs_m)
+            acs_s = tl.load(acs_ptr + a_off + offs_k)
+            w = tl.exp(tl.where(offs_m[:, None] >= offs_k[None, :], acs_t[:, None] - acs_s[None, :], -float("inf")))
+            w *= tl.load(delta_ptr + a_off + offs_k)[None, :]
+            scores += tl.dot(dy_t, x_s, input_precision=DOT_PRECISION) * w                 # (BLOCK_M, BLOCK_M)
         B_s = tl.load(B_ptr + bc_off + offs_k[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_K, BLOCK_N)
-        acs_s = tl.load(acs_ptr + a_off + offs_k)
-        delta_s = tl.load(delta_ptr + a_off + offs_k)
-        w = tl.where(offs_m[:, None] >= offs_k[None, :], tl.exp(acs_t[:, None] - acs_s[None, :]), 0.0)
-        dyx = tl.dot(dy_t, x_s, input_precision=DOT_PRECISION)                             # (BLOCK_M, BLOCK_K)
-        dC += tl.dot((dyx * w * delta_s[None, :]).to(B_s.dtype), B_s, input_precision=DOT_PRECISION)
+                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_M, BLOCK_N)
+        dC += tl.dot(scores.to(B_s.dtype), B_s, input_precision=DOT_PRECISION)
 
-    C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0)
-    tl.store(cdc_ptr + a_off + offs_m, tl.sum(dC * C_t.to(tl.float32), axis=1), mask=in_m)
-    dC_ptr += b.to(tl.int64) * stride_dc_b + (c * CHUNK) * stride_dc_l + pid_h * stride_dc_h
-    tl.store(dC_ptr + offs_m[:, None] * stride_dc_l + offs_n[None, :], dC, mask=in_m[:, None] & in_n[None, :])
+    dC_ptr += b.to(tl.int64) * stride_db_b + (c * CHUNK) * stride_db_l + j * stride_db_split + g * stride_db_g
+    tl.store(dC_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dC, mask=in_m[:, None] & in_n[None, :])
 
 
-def _blocks(chunk, P, N):
-    """Tile sizes: row tiles of at most 64 inside a chunk; headdim and dstate whole (tl.dot needs ≥ 16)."""
-    block_m = min(64, chunk)
-    return dict(BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=max(16, triton.next_power_of_2(P)),
-                BLOCK_N=max(16, triton.next_power_of_2(N)))
+# Row tiles inside a chunk; the dB/dC kernels take a slice of a group's heads each, sliced finely enough to launch at
+# least this many programs (a module constant so that tests can make one program walk several heads).
+_BLOCK_M = 64
+_MIN_PROGRAMS = 2048
 
 
 def _dot_precision(dtype):
@@ -473,14 +611,29 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _pow2(n):
+    return max(16, triton.next_power_of_2(n))                                   # tl.dot needs every side ≥ 16
+
+
+def _chunk_cb(C, B, chunk):
+    """(batch, nchunks, ngroups, chunk, chunk) float32 C_t·B_s per chunk; see _chunk_cb_kernel."""
+    batch, seqlen, ngroups, N = B.shape
+    nchunks = triton.cdiv(seqlen, chunk)
+    cb = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=B.device, dtype=torch.float32)
+    block_m = min(_BLOCK_M, chunk)
+    grid = ((chunk // block_m) ** 2, batch * nchunks, ngroups)
+    _chunk_cb_kernel[grid](C, B, cb, seqlen, N, *B.stride(), *cb.stride()[:3], CHUNK=chunk,
+                           DOT_PRECISION=_dot_precision(B.dtype), BLOCK_M=block_m, BLOCK_N=min(128, _pow2(N)))
+    return cb
+
+
 def _chunk_state(u, v, delta, acs, to_end):
     """(batch, nchunks, nheads, P, N) float32 chunk summaries; see _chunk_state_kernel."""
     batch, seqlen, nheads, P = u.shape
     N = v.shape[-1]
-    chunk = delta.shape[-1]
-    nchunks = delta.shape[2]
+    nchunks, chunk = delta.shape[2], delta.shape[3]
     out = torch.empty(batch, nchunks, nheads, P, N, device=u.device, dtype=torch.float32)
-    block_p, block_n = min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
+    block_p, block_n = min(64, _pow2(P)), min(64, _pow2(N))
     grid = (triton.cdiv(P, block_p) * triton.cdiv(N, block_n), batch * nchunks, nheads)
     _chunk_state_kernel[grid](
         u, v, delta, acs, out, seqlen, nheads // v.shape[2], P, N,
@@ -490,47 +643,54 @@ def _chunk_state(u, v, delta, acs, to_end):
     return out
 
 
-def _state_passing(states, acs, initial, reverse=False):
-    """Runs the chunk recurrence in place on `states` (see _state_passing_kernel); returns the last R."""
+def _state_passing(states, acs, initial, reverse_of=None):
+    """Runs the chunk recurrence in place on `states` (see _state_passing_kernel) and returns the last R.
+
+    reverse_of=forward states (after the forward pass) runs it backwards and also returns, per chunk, the gradient of
+    the decay step 3 applies to the carried state, (batch, nheads, nchunks)."""
     batch, nchunks, nheads, P, N = states.shape
     final = torch.empty(batch, nheads, P, N, device=states.device, dtype=torch.float32)
     acs_end = acs[..., -1]                                                  # (batch, nheads, nchunks)
     if initial is not None:
         initial = initial.float().contiguous()
     BLOCK = min(1024, triton.next_power_of_2(P * N))
-    grid = (triton.cdiv(P * N, BLOCK), batch, nheads)
-    _state_passing_kernel[grid](
-        states, acs_end, initial if initial is not None else final, final, nchunks, P * N,
-        states.stride(0), states.stride(1), states.stride(2), *acs_end.stride(), final.stride(0), final.stride(1),
-        HAS_INIT=initial is not None, REVERSE=reverse, BLOCK=BLOCK)
-    return final
+    blocks = triton.cdiv(P * N, BLOCK)
+    dots = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
+    _state_passing_kernel[(blocks, batch, nheads)](
+        states, acs_end, initial if initial is not None else final, final,
+        reverse_of if reverse_of is not None else states, dots,
+        nchunks, P * N, states.stride(0), states.stride(1), states.stride(2), *acs_end.stride(),
+        final.stride(0), final.stride(1), HAS_INIT=initial is not None, REVERSE=reverse_of is not None, BLOCK=BLOCK)
+    return (final, dots.sum(-1)) if reverse_of is not None else final
 
 
 class _SSDScan(torch.autograd.Function):
-    """The kernels' forward and backward. Inputs: Δ and a_cumsum already chunked, (batch, nheads, nchunks, chunk).
+    """The kernels' forward and backward. Inputs Δ and a = Δ A (the log-decay of each step) already chunked,
+    (batch, nheads, nchunks, chunk); the kernels read acs = cumsum(a) within each chunk.
 
-    Backward notes. Besides the gradients of the matmuls, the loss depends on a_cumsum (acs) through every decay
-    factor exp(acs_t − acs_s). Per head, summing those terms by position gives
-        ∂L/∂acs_t = C_t·dC_t − B_t·dB_t   (+ ⟨G_c, h_c⟩ at each chunk's last position, for the decay of the state)
-    since each term of y_t that C_t·dC_t collects grows with exp(acs_t) and each term that B_s·dB_s collects shrinks
-    with exp(−acs_s). PyTorch then takes that through the cumsum to Δ and A."""
+    Backward notes. Besides the matmuls' gradients, the loss depends on every a_τ through the decays that span step τ:
+    exp(acs_t − acs_s) for s < τ ≤ t (step 1), exp(acs_end − acs_s) for s < τ (step 2), exp(acs_t) for τ ≤ t (step 4)
+    and exp(acs_end) for the state carried across the chunk (step 3). ∂L/∂a_τ adds up those terms directly, each one
+    once, rather than ∂L/∂acs followed by a reverse cumsum, in which the +M_ts and −M_ts of each pair cancel and the
+    rounding does not. PyTorch takes ∂L/∂a on to Δ and A."""
 
     @staticmethod
-    def forward(ctx, x, delta, acs, B, C, D, initial_state):
+    def forward(ctx, x, delta, a, B, C, D, initial_state):
         batch, seqlen, nheads, P = x.shape
-        N = B.shape[-1]
-        chunk, nchunks = delta.shape[-1], delta.shape[2]
+        ngroups, N = B.shape[2], B.shape[3]
+        nchunks, chunk = delta.shape[2], delta.shape[3]
+        acs = torch.cumsum(a, dim=-1)                                              # Σ_{s≤t} Δ_s A within the chunk
+        cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
         states = _chunk_state(x, B, delta, acs, to_end=True)                       # step 2
         final_state = _state_passing(states, acs, initial_state)                   # step 3: states[c] = R_c
         y = torch.empty_like(x)
-        blocks = _blocks(chunk, P, N)
-        block_p = min(64, blocks["BLOCK_P"])
-        grid = (triton.cdiv(chunk, blocks["BLOCK_M"]) * triton.cdiv(P, block_p), batch * nchunks, nheads)
+        block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
+        grid = (triton.cdiv(chunk, block_m) * triton.cdiv(P, block_p), batch * nchunks, nheads)
         _chunk_scan_fwd_kernel[grid](                                              # steps 1 + 4
-            x, delta, acs, B, C, states, D if D is not None else x, y, seqlen, nheads // B.shape[2], P, N,
-            *x.stride(), *B.stride(), *delta.stride()[:3], *states.stride()[:4], *y.stride(),
+            x, delta, acs, C, cb, states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
+            *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *states.stride()[:4], *y.stride(),
             CHUNK=chunk, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-            DOT_PRECISION=_dot_precision(x.dtype), **{**blocks, "BLOCK_P": block_p})
+            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
         ctx.save_for_backward(x, delta, acs, B, C, D, initial_state)
         return y, final_state
 
@@ -539,44 +699,53 @@ class _SSDScan(torch.autograd.Function):
         x, delta, acs, B, C, D, initial_state = ctx.saved_tensors
         batch, seqlen, nheads, P = x.shape
         ngroups, N = B.shape[2], B.shape[3]
-        chunk, nchunks = delta.shape[-1], delta.shape[2]
+        nchunks, chunk = delta.shape[2], delta.shape[3]
+        heads_per_group = nheads // ngroups
         dy = dy.contiguous()
-        dx = torch.empty_like(dy)                                                  # dx and dy share strides
-        # Recompute the states entering each chunk: cheaper than keeping (batch, nchunks, nheads, P, N) per layer.
+        # Recompute C Bᵀ and the states entering each chunk: cheaper than keeping (batch, nchunks, nheads, P, N).
+        cb = _chunk_cb(C, B, chunk)
         states = _chunk_state(x, B, delta, acs, to_end=True)
-        final_state = _state_passing(states, acs, initial_state)
+        _state_passing(states, acs, initial_state)
         # ∂L/∂(state at the end of chunk c): the output gradients of step 4, carried backwards through step 3.
         dstates = _chunk_state(dy, C, delta, acs, to_end=False)
-        dinitial = _state_passing(dstates, acs, dfinal, reverse=True)
+        dinitial, da_carried = _state_passing(dstates, acs, dfinal, reverse_of=states)
 
-        ddelta, bdb, cdc = (torch.zeros_like(delta) for _ in range(3))          # the padding stays 0
-        dB = torch.empty(batch, seqlen, nheads, N, device=x.device, dtype=torch.float32)
+        block_m = min(_BLOCK_M, chunk)
+        m_blocks = triton.cdiv(chunk, block_m)
+        dims = dict(DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=_pow2(P), BLOCK_N=_pow2(N))
+        strides = (*x.stride(), *dy.stride(), *B.stride())
+        dx = torch.empty_like(dy)                                                  # dx and dy share strides
+        ddelta, da_state, da_out = (torch.zeros_like(delta) for _ in range(3))   # the padding stays 0
+        da_pairs = torch.zeros(batch, nheads, nchunks, m_blocks, chunk, device=x.device, dtype=torch.float32)
+        dD_parts = torch.zeros(batch * nchunks * m_blocks, nheads, P, device=x.device, dtype=torch.float32)
+        _chunk_scan_bwd_dx_kernel[(m_blocks, batch * nchunks, nheads)](
+            x, delta, acs, B, cb, dy, dstates, D if D is not None else x, dx, ddelta, dD_parts, da_state, da_pairs,
+            seqlen, heads_per_group, P, N, *strides, *cb.stride()[:3], *delta.stride()[:3], *dstates.stride()[:4],
+            *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
+            **dims)
+
+        slices = min(heads_per_group, triton.cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
+        heads_per_program = triton.cdiv(heads_per_group, slices)
+        slices = triton.cdiv(heads_per_group, heads_per_program)
+        grid = (m_blocks, batch * nchunks, ngroups * slices)
+        dB = torch.empty(batch, seqlen, slices, ngroups, N, device=x.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
-        blocks = _blocks(chunk, P, N)
-        grid = (triton.cdiv(chunk, blocks["BLOCK_M"]), batch * nchunks, nheads)
-        common = (seqlen, nheads // ngroups, P, N, *x.stride(), *dy.stride(), *B.stride(), *delta.stride()[:3])
-        _chunk_scan_bwd_dx_kernel[grid](
-            x, delta, acs, B, C, dy, dstates, D if D is not None else x, dx, ddelta, dB, bdb,
-            *common, *dstates.stride()[:4], *dB.stride()[:3],
-            CHUNK=chunk, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-            DOT_PRECISION=_dot_precision(x.dtype), **blocks)
+        _chunk_scan_bwd_db_kernel[grid](
+            x, delta, acs, C, dy, dstates, dB, seqlen, heads_per_group, heads_per_program, P, N,
+            *strides, *delta.stride()[:3], *dstates.stride()[:4], *dB.stride()[:4], CHUNK=chunk, **dims)
         _chunk_scan_bwd_dc_kernel[grid](
-            x, delta, acs, B, C, dy, states, dC, cdc,
-            *common, *states.stride()[:4], *dC.stride()[:3],
-            CHUNK=chunk, DOT_PRECISION=_dot_precision(x.dtype), **blocks)
+            x, delta, acs, B, C, dy, states, dC, da_out, seqlen, heads_per_group, heads_per_program, P, N,
+            *strides, *delta.stride()[:3], *states.stride()[:4], *dC.stride()[:4], CHUNK=chunk, **dims)
 
-        # ∂L/∂acs (see the class docstring); the state at the end of chunk c is R_{c+1}, or the final state.
-        dacs = cdc - bdb
-        end_states = torch.cat([states[:, 1:], final_state[:, None]], dim=1)      # (batch, nchunks, nheads, P, N)
-        dacs[..., -1] += rearrange(torch.einsum("bchpn,bchpn->bch", dstates, end_states), "b c h -> b h c")
-        dB = rearrange(dB, "b l (g r) n -> b l g r n", g=ngroups).sum(3).to(B.dtype)
-        dC = rearrange(dC, "b l (g r) n -> b l g r n", g=ngroups).sum(3).to(C.dtype)
+        # ∂L/∂a_τ: step 1's straddling pairs, step 2 (s < τ), step 4 (t ≥ τ), step 3 (the whole chunk)
+        da = (da_pairs.sum(3) + (torch.cumsum(da_state, -1) - da_state)
+              + torch.flip(torch.cumsum(torch.flip(da_out, [-1]), -1), [-1]) + da_carried[..., None])
         dD = None
         if D is not None:
-            dD = torch.einsum("blhp,blhp->hp", dy.float(), x.float())
+            dD = dD_parts.sum(0)
             dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
         dinitial = dinitial.to(initial_state.dtype) if initial_state is not None else None
-        return dx, ddelta, dacs, dB, dC, dD, dinitial
+        return dx, ddelta, da, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
@@ -600,8 +769,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
     pad = -x.shape[1] % chunk_size
     delta = F.pad(_delta(dt, dt_bias, dt_softplus).float(), (0, 0, 0, pad))       # Δ = 0 on the padding
     delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size).contiguous()   # (batch, nheads, nchunks, chunk)
-    acs = torch.cumsum(delta * A.float()[:, None, None], dim=-1)                  # a_cumsum: Σ_{s≤t} Δ_s A per chunk
-    y, final_state = _SSDScan.apply(x, delta, acs, B, C, D, initial_state)
+    y, final_state = _SSDScan.apply(x, delta, delta * A.float()[:, None, None], B, C, D, initial_state)
     return (y, final_state) if return_final_state else y
 
 
@@ -629,9 +797,9 @@ def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=
 @triton.jit
 def _softplus(x):
     # log(1 + e^x) as torch's softplus (x above 20 passes through); log1p by Goldberg's trick, exact for e^x ≪ 1
-    u = tl.exp(x)
+    u = tl.exp(tl.minimum(x, 20.0))                    # the branch above 20 is x itself; keeps inf/inf out
     w = 1.0 + u
-    log1p = tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+    log1p = tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
     return tl.where(x > 20.0, x, log1p)
 
 

@@ -1,0 +1,528 @@
+"""ML-Mamba (Huang & Hu 2024, arXiv 2407.19832): a multimodal LLM on a pretrained Mamba-2 language model.
+
+This file so far holds the language model: Mamba-2 (Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060) as
+mamba_ssm's `MambaLMHeadModel` with `Mamba2` mixers builds it, and the loaders of its public checkpoints.
+
+1. Config         `Mamba2Config`, read from mamba_ssm's or transformers' config.json
+2. Mixer          the Mamba-2 block of SSD paper §7 (Figure 6): in_proj, causal conv, SSD scan, gated RMSNorm, out_proj
+3. Language model `Mamba2LM`: embedding, pre-norm residual blocks, final norm, LM head; recurrent cache, step, generate
+4. Loading        `load_mamba2(path)`: the state-spaces/mamba2-* layout and transformers' Mamba2ForCausalLM layout
+
+Shapes: (batch, seqlen, d_model) between blocks; inside a mixer x (batch, seqlen, nheads, headdim) and
+B, C (batch, seqlen, ngroups, dstate) as ssd_kernel.py takes them.
+"""
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Mamba2Config:
+    """A Mamba-2 LM's sizes. Names and defaults are mamba_ssm's (`MambaConfig` and the `Mamba2` module)."""
+    d_model: int
+    n_layer: int
+    vocab_size: int                     # ids the tokenizer produces; generation samples only these
+    pad_vocab_size_multiple: int = 8    # the embedding has vocab_size rounded up to a multiple of this
+    d_state: int = 128                  # N, the state size per head and channel
+    d_conv: int = 4                     # width of the causal depthwise convolution
+    expand: int = 2                     # d_inner = expand * d_model
+    headdim: int = 64                   # P; nheads = d_inner / headdim
+    ngroups: int = 1                    # heads share B and C in this many groups (SSD §7.2, grouped-value heads)
+    chunk_size: int = 256               # the SSD scan's chunk length (§6)
+    bias: bool = False                  # biases in in_proj and out_proj
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True       # keep the residual stream in float32 whatever the weights' dtype
+    tie_embeddings: bool = True         # the LM head reuses the embedding matrix
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv", "expand",
+                     "headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Mamba2Config: {name} must be a positive integer, got {value!r}")
+        if self.d_inner % self.headdim:
+            raise ValueError(f"Mamba2Config: headdim={self.headdim} must divide d_inner=expand*d_model={self.d_inner}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"Mamba2Config: ngroups={self.ngroups} must divide nheads={self.nheads}")
+        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"Mamba2Config: chunk_size must be a power of two >= 16 (ssd_scan), got {self.chunk_size}")
+
+    @property
+    def d_inner(self):
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self):
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self):
+        """The convolved channels: x, B and C side by side."""
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_official_json(cls, path):
+        """From mamba_ssm's config.json (state-spaces/mamba2-*): d_model, n_layer, vocab_size, ssm_cfg {layer: Mamba2}.
+
+        Settings the public checkpoints do not use (MLP or attention layers, LayerNorm, D per channel, dt_limit, ...)
+        are refused rather than ignored."""
+        raw = _read_json(path)
+        _require(raw, ("d_model", "n_layer", "vocab_size"), path)
+        ssm_cfg = dict(raw.get("ssm_cfg") or {})
+        layer = ssm_cfg.pop("layer", "Mamba1")                     # mamba_ssm's default mixer is Mamba-1
+        if layer != "Mamba2":
+            raise ValueError(f"{path}: ssm_cfg.layer is {layer!r}; only Mamba-2 checkpoints are supported")
+        _refuse(path, {"d_intermediate": (raw.get("d_intermediate", 0), 0),
+                       "attn_layer_idx": (raw.get("attn_layer_idx") or [], []),
+                       "rms_norm": (raw.get("rms_norm", True), True)})
+        _refuse(path, {f"ssm_cfg.{k}": (_json_value(ssm_cfg.pop(k, v)), v) for k, v in _OFFICIAL_FIXED.items()})
+        sizes = {k: ssm_cfg.pop(k) for k in _OFFICIAL_SIZES if k in ssm_cfg}
+        unknown = sorted(set(ssm_cfg) - _OFFICIAL_INIT_ONLY)
+        if unknown:
+            raise ValueError(f"{path}: unknown ssm_cfg fields {unknown}")
+        top = {k: raw[k] for k in ("pad_vocab_size_multiple", "residual_in_fp32", "tie_embeddings") if k in raw}
+        return _named(path, cls, d_model=raw["d_model"], n_layer=raw["n_layer"], vocab_size=raw["vocab_size"],
+                      **top, **sizes)
+
+    @classmethod
+    def from_hf_json(cls, path):
+        """From a transformers Mamba2Config's config.json (model_type "mamba2"). Its vocab_size is already padded."""
+        raw = _read_json(path)
+        _require(raw, ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "head_dim", "state_size",
+                       "n_groups"), path)
+        _refuse(path, {"hidden_act": (raw.get("hidden_act", "silu"), "silu"),
+                       "time_step_limit": (_json_value(raw.get("time_step_limit", [0.0, math.inf])), [0.0, math.inf])})
+        config = _named(path, cls, d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"],
+                        vocab_size=raw["vocab_size"], pad_vocab_size_multiple=1, d_state=raw["state_size"],
+                        d_conv=raw.get("conv_kernel", 4), expand=raw.get("expand", 2), headdim=raw["head_dim"],
+                        ngroups=raw["n_groups"], chunk_size=raw.get("chunk_size", 256),
+                        bias=raw.get("use_bias", False), conv_bias=raw.get("use_conv_bias", True),
+                        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+                        residual_in_fp32=raw.get("residual_in_fp32", True),
+                        tie_embeddings=raw.get("tie_word_embeddings", False))
+        if raw["num_heads"] != config.nheads:
+            raise ValueError(f"{path}: num_heads={raw['num_heads']} but expand*hidden_size/head_dim={config.nheads}")
+        return config
+
+
+# ssm_cfg fields of mamba_ssm's Mamba2: those we read, those only its initialisation uses, and those we hold fixed
+_OFFICIAL_SIZES = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "bias", "conv_bias")
+_OFFICIAL_INIT_ONLY = {"dt_min", "dt_max", "dt_init_floor", "A_init_range", "conv_init", "use_mem_eff_path"}
+_OFFICIAL_FIXED = {"D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False, "d_ssm": None,
+                   "dt_limit": [0.0, math.inf]}
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _json_value(value):
+    """Lists for tuples, and floats for transformers' {"__float__": "Infinity"} (how it writes inf in JSON)."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _named(path, cls, **fields):
+    """cls(**fields), its errors prefixed with the config file they came from."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _require(raw, names, path):
+    missing = [k for k in names if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing config fields {missing}")
+
+
+def _refuse(path, settings):
+    """settings: name -> (value, the only value we implement)."""
+    bad = [f"{name}={value!r} (only {wanted!r} is supported)" for name, (value, wanted) in settings.items()
+           if value != wanted]
+    if bad:
+        raise ValueError(f"{path}: unsupported settings: {', '.join(bad)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The Mamba-2 mixer (SSD paper §7.1, Figure 6), as mamba_ssm's `Mamba2` module
+
+
+def causal_conv1d(xBC, weight, bias=None, conv_state=None):
+    """Causal depthwise convolution, then SiLU: out_t = SiLU(bias + Σ_k weight[:, 0, k] ⊙ in_{t-d_conv+1+k}).
+
+    xBC (batch, seqlen, channels); weight (channels, 1, d_conv) as nn.Conv1d stores it. Returns (batch, seqlen,
+    channels), a transposed view. The inputs before the sequence are zeros or, with conv_state (batch, channels,
+    d_conv), the last d_conv inputs seen so far; conv_state then gets the new last d_conv, in place."""
+    batch, seqlen, channels = xBC.shape
+    d_conv = weight.shape[-1]
+    if conv_state is None:
+        past = xBC.new_zeros(batch, channels, d_conv - 1)
+    else:
+        past = conv_state[..., 1:].to(xBC.dtype)
+    window = torch.cat([past, rearrange(xBC, "b l c -> b c l")], dim=-1)    # (batch, channels, d_conv - 1 + seqlen)
+    if conv_state is not None:
+        conv_state.copy_(window[..., -d_conv:])
+    out = F.conv1d(window, weight, bias, groups=channels)                   # (batch, channels, seqlen)
+    return rearrange(F.silu(out), "b c l -> b l c")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 and returned in the weight's dtype (mamba_ssm's fused RMSNorm)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(self.weight.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y ⊙ SiLU(z)) over groups of `group_size` channels: the extra normalisation before out_proj of SSD §7.1,
+    as mamba_ssm's RMSNormGated with norm_before_gate=False. One group per B/C group, so that the norm never mixes
+    heads of different groups (what tensor parallelism needs, §8)."""
+
+    def __init__(self, dim, group_size, eps):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y, z):
+        h = y.float() * F.silu(z.float())
+        h = rearrange(h, "... (g d) -> ... g d", d=self.group_size)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (rearrange(h, "... g d -> ... (g d)") * self.weight.float()).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block (SSD §7.1): Δ, B, C and x all come at once from the input, through one projection.
+
+        z, xBC, dt = in_proj(u)             z gate, xBC = [x, B, C] convolved together, dt one per head
+        x, B, C    = SiLU(conv1d(xBC))      causal depthwise convolution over time
+        y          = SSD(x, Δ, A, B, C) + D x,   Δ = softplus(dt + dt_bias),  A = -exp(A_log)
+        out        = out_proj(RMSNorm(y ⊙ SiLU(z)))
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.in_proj = nn.Linear(c.d_model, c.d_inner + c.conv_dim + c.nheads, bias=c.bias)   # [z, x, B, C, dt]
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
+        # mamba_ssm's initialisation: Δ log-uniform in [1e-3, 0.1] via dt_bias = softplus⁻¹(Δ); -A uniform in [1, 16]
+        dt = torch.exp(math.log(1e-3) + torch.rand(c.nheads) * (math.log(0.1) - math.log(1e-3))).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(c.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(c.nheads))
+        self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_eps)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+
+    def forward(self, u, conv_state=None, ssm_state=None):
+        """u (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        With conv_state and ssm_state (one layer's part of a `Mamba2Cache`) the sequence continues the one they hold,
+        and they are updated in place; one token then takes the recurrent step instead of the chunked scan."""
+        c = self.config
+        z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)   # (batch, seqlen, conv_dim)
+        x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        x = rearrange(x, "b l (h p) -> b l h p", p=c.headdim)                       # (batch, seqlen, nheads, headdim)
+        B = rearrange(B, "b l (g n) -> b l g n", g=c.ngroups)                       # (batch, seqlen, ngroups, dstate)
+        C = rearrange(C, "b l (g n) -> b l g n", g=c.ngroups)
+        A = -torch.exp(self.A_log.float())                                          # (nheads,), A < 0
+        ssm = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        if ssm_state is not None and u.shape[1] == 1:
+            step = ssd_step if u.is_cuda else ssd_step_reference
+            y = step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **ssm)[:, None]
+        else:
+            scan = ssd_scan if u.is_cuda else ssd_reference
+            y, final_state = scan(x, dt, A, B, C, chunk_size=c.chunk_size, initial_state=ssm_state,
+                                  return_final_state=True, **ssm)
+            if ssm_state is not None:
+                ssm_state.copy_(final_state)
+        y = rearrange(y, "b l h p -> b l (h p)")                                    # (batch, seqlen, d_inner)
+        return self.out_proj(self.norm(y, z))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. The language model
+
+
+@dataclass
+class Mamba2Cache:
+    """Everything a Mamba-2 LM needs to continue a sequence: a fixed-size state per layer, whatever the length so far.
+
+    Updated in place by `Mamba2LM.forward(..., cache=)` and `Mamba2LM.step`, so the tensors keep their addresses."""
+    conv_state: torch.Tensor    # (n_layer, batch, conv_dim, d_conv), model dtype: each layer's last d_conv conv inputs
+    ssm_state: torch.Tensor     # (n_layer, batch, nheads, headdim, dstate), float32: the SSM state h_t (SSD §3)
+
+    def reset(self):
+        """Back to the empty sequence."""
+        self.conv_state.zero_()
+        self.ssm_state.zero_()
+
+
+class Mamba2Block(nn.Module):
+    """Pre-norm residual block: residual + Mixer(RMSNorm(residual))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Mamba2Mixer(config)
+
+    def forward(self, residual, conv_state=None, ssm_state=None):
+        return residual + self.mixer(self.norm(residual), conv_state, ssm_state)
+
+
+class Mamba2LM(nn.Module):
+    """Embedding, n_layer Mamba-2 blocks, final RMSNorm, LM head (tied to the embedding or not).
+
+    The residual stream stays in float32 with residual_in_fp32 and each norm reads it at full precision, as mamba_ssm's
+    fused add+norm does (the public checkpoints set fused_add_norm). Logits cover the padded vocabulary."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = (None if config.tie_embeddings
+                        else nn.Linear(config.d_model, config.padded_vocab_size, bias=False))
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """mamba_ssm's `_init_weights`: small embeddings, zero biases, out_proj scaled by 1/√n_layer (as GPT-2)."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for layer in self.layers:
+            mixer = layer.mixer
+            mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
+            for linear in (mixer.in_proj, mixer.out_proj):
+                if linear.bias is not None:
+                    linear.bias.zero_()
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None):
+        """input_ids (batch, seqlen), or inputs_embeds (batch, seqlen, d_model) -> logits (batch, seqlen, padded_vocab).
+
+        With a cache the tokens continue the sequence it holds (an empty one from `allocate_cache` for a prefill), and
+        it is updated in place to hold them too."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Mamba2LM.forward: pass exactly one of input_ids and inputs_embeds")
+        h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds   # (batch, seqlen, d_model)
+        if h.dim() != 3 or h.shape[-1] != self.config.d_model:
+            raise ValueError(f"Mamba2LM.forward: inputs_embeds must be (batch, seqlen, {self.config.d_model}), "
+                             f"got {tuple(h.shape)}")
+        if cache is not None and cache.ssm_state.shape[1] != h.shape[0]:
+            raise ValueError(f"Mamba2LM.forward: the cache holds batch {cache.ssm_state.shape[1]}, "
+                             f"the input {h.shape[0]}")
+        residual = h.to(torch.float32 if self.config.residual_in_fp32 else self.embedding.weight.dtype)
+        for i, layer in enumerate(self.layers):
+            states = (cache.conv_state[i], cache.ssm_state[i]) if cache is not None else ()
+            residual = layer(residual, *states)
+        head = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm_f(residual), head)
+
+    def allocate_cache(self, batch):
+        """An empty cache (zeros: the state before any token) on the model's device."""
+        c, w = self.config, self.embedding.weight
+        return Mamba2Cache(
+            conv_state=torch.zeros(c.n_layer, batch, c.conv_dim, c.d_conv, device=w.device, dtype=w.dtype),
+            ssm_state=torch.zeros(c.n_layer, batch, c.nheads, c.headdim, c.d_state, device=w.device,
+                                  dtype=torch.float32))
+
+    def step(self, input_ids, cache):
+        """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab); the cache advances in place.
+
+        Fixed shapes, in-place state updates, no data-dependent Python branches: capturable in a CUDA graph."""
+        return self(input_ids[:, None], cache=cache)[:, 0]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, eos_id=None):
+        """input_ids (batch, seqlen) -> (batch, seqlen + n), n ≤ max_new_tokens new tokens after the prompt.
+
+        temperature 0 is greedy decoding; otherwise samples from softmax(logits / temperature), restricted to the top_k
+        tokens and/or the smallest set with probability ≥ top_p. Only ids below config.vocab_size are produced.
+        With eos_id, a sequence that has produced it continues with eos_id, and generation stops once all have."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        cache = self.allocate_cache(input_ids.shape[0])
+        logits = self(input_ids, cache=cache)[:, -1]                                # prefill: (batch, padded_vocab)
+        tokens, done = [input_ids], torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
+        for i in range(max_new_tokens):
+            next_ids = sample_next(logits[:, :self.config.vocab_size], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_ids = next_ids.masked_fill(done, eos_id)
+                done |= next_ids == eos_id
+            tokens.append(next_ids[:, None])
+            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = self.step(next_ids, cache)
+        return torch.cat(tokens, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (batch, vocab) -> token ids (batch,). temperature 0: argmax. top_k keeps the k likeliest tokens; top_p
+    keeps the likeliest tokens up to and including the first at which their probabilities reach top_p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p                               # mass before this token already ≥ p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Loading checkpoints
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def load_mamba2(path, dtype=torch.float32, device="cpu"):
+    """A Mamba2LM from a local checkpoint: a directory, or a weights file inside one, with config.json beside it.
+
+    Two layouts, told apart by config.json:
+    - mamba_ssm's (state-spaces/mamba2-*): d_model, n_layer, ssm_cfg {layer: Mamba2, ...}; keys
+      backbone.embedding.weight, backbone.layers.N.{norm, mixer.*}, backbone.norm_f.weight, lm_head.weight;
+    - transformers' Mamba2ForCausalLM (model_type "mamba2"): the same keys but backbone.embeddings.weight.
+    Weights: model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin (read with
+    torch.load(weights_only=True), which refuses pickles that hold anything but tensors).
+    Every parameter must come from the checkpoint with its shape: anything missing, unexpected or mis-shaped is an
+    error that lists it."""
+    directory, weights = _find_checkpoint(Path(path))
+    config_path = directory / "config.json"
+    raw = _read_json(config_path)
+    if raw.get("model_type") == "mamba2":
+        config = Mamba2Config.from_hf_json(config_path)
+    elif "d_model" in raw or "ssm_cfg" in raw:
+        config = Mamba2Config.from_official_json(config_path)
+    else:
+        raise ValueError(f"{config_path}: neither a mamba_ssm config (d_model, n_layer, ssm_cfg) nor a transformers "
+                         f"Mamba2 config (model_type 'mamba2')")
+    state = {_our_name(k): v for k, v in _read_weights(weights).items()}
+    if config.tie_embeddings:
+        _untie(state, weights)
+    with torch.device("meta"):                                     # no memory, no init: every tensor is replaced
+        model = Mamba2LM(config)
+    _check_state_dict(model, state, weights, config_path)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model
+
+
+def _find_checkpoint(path):
+    """(directory, weights file) for a checkpoint directory or a weights file."""
+    if not path.exists():
+        raise FileNotFoundError(f"load_mamba2: {path} does not exist")
+    if path.is_file():
+        return path.parent, path
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return path, path / name
+    raise FileNotFoundError(f"load_mamba2: no weights in {path} (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _read_weights(file):
+    """{name: tensor} from a safetensors or torch .bin file, or from the shards an index .json lists."""
+    if file.name.endswith(".index.json"):
+        weight_map = _read_json(file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{file}: no 'weight_map' in the shard index")
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_weights(file.parent / shard))
+        return state
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: weights file not found")
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt? ({e})") from None
+    if file.suffix != ".bin":
+        raise ValueError(f"{file}: unknown weights format (expected .safetensors, .bin or an .index.json)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file}: refused by torch.load(weights_only=True): it holds objects other than tensors, "
+                         f"or is corrupt ({str(e).splitlines()[0]})") from None
+    except Exception as e:                 # a damaged zip or pickle fails in many ways: OSError, KeyError, ...
+        raise ValueError(f"{file}: not a readable torch checkpoint, truncated or corrupt? "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a state dict {{name: tensor}}, got {type(state).__name__}")
+    return state
+
+
+def _our_name(key):
+    """Checkpoint key -> our parameter name: drop 'backbone.'; transformers calls the embedding 'embeddings'."""
+    key = key.removeprefix("backbone.")
+    return "embedding.weight" if key == "embeddings.weight" else key
+
+
+def _untie(state, source):
+    """Tied checkpoints store the embedding once, or also as lm_head.weight (mamba_ssm's .bin); keep the embedding."""
+    head = state.pop("lm_head.weight", None)
+    if head is None:
+        return
+    if "embedding.weight" not in state:
+        state["embedding.weight"] = head
+    elif not torch.equal(head, state["embedding.weight"]):
+        raise ValueError(f"{source}: the config ties the embeddings, but lm_head.weight differs from the embedding")
+
+
+def _check_state_dict(model, state, source, config_path):
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(state))
+                 if tuple(state[k].shape) != expected[k]]
+    problems = [f"{kind} ({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+                for kind, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if names]
+    if problems:
+        raise ValueError(f"{source} does not fit the model of {config_path} (names without 'backbone.'):\n  "
+                         + "\n  ".join(problems))
