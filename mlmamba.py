@@ -1,19 +1,26 @@
 """ML-Mamba (Huang & Hu 2024, arXiv 2407.19832): a multimodal LLM on a pretrained Mamba-2 language model.
 
-This file so far holds the language model: Mamba-2 (Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060) as
-mamba_ssm's `MambaLMHeadModel` with `Mamba2` mixers builds it, and the loaders of its public checkpoints.
+An image goes through a ViT (vision.py), its patch grid through the connector, and the resulting tokens into a
+Mamba-2 language model (Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060) in front of the text. The LM is
+mamba_ssm's `MambaLMHeadModel` with `Mamba2` mixers, loadable from its public checkpoints.
 
 1. Config         `Mamba2Config`, read from mamba_ssm's or transformers' config.json
 2. Mixer          the Mamba-2 block of SSD paper §7 (Figure 6): in_proj, causal conv, SSD scan, gated RMSNorm, out_proj
 3. Language model `Mamba2LM`: embedding, pre-norm residual blocks, final norm, LM head; recurrent cache, step, generate
 4. Loading        `load_mamba2(path)`: the state-spaces/mamba2-* layout and transformers' Mamba2ForCausalLM layout
+5. Connector      `Connector`: the patch grid scanned in K orders by Mamba-2 SSD (`VSSBlock`), then a 2-layer MLP
+6. ML-Mamba       `MLMamba`: vision + connector + LM; training forward, batched generation, save / load
 
 Shapes: (batch, seqlen, d_model) between blocks; inside a mixer x (batch, seqlen, nheads, headdim) and
-B, C (batch, seqlen, ngroups, dstate) as ssd_kernel.py takes them.
+B, C (batch, seqlen, ngroups, dstate) as ssd_kernel.py takes them; the patch grid (batch, H, W, channels).
 """
+import dataclasses
+import functools
 import json
 import math
+import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
+from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
+from vision import Block, FusedVisionEncoder, VisionConfig, VisionEncoder, load_vision
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,6 +241,17 @@ class GatedRMSNorm(nn.Module):
         return (rearrange(h, "... g d -> ... (g d)") * self.weight.float()).to(y.dtype)
 
 
+def init_dt_bias(*shape):
+    """mamba_ssm's initialisation of Δ: log-uniform in [1e-3, 0.1], stored as dt_bias = softplus⁻¹(Δ)."""
+    dt = torch.exp(math.log(1e-3) + torch.rand(*shape) * (math.log(0.1) - math.log(1e-3))).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def init_A_log(*shape):
+    """mamba_ssm's initialisation of A: -A uniform in [1, 16], stored as A_log = log(-A)."""
+    return torch.log(torch.empty(*shape).uniform_(1, 16))
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block (SSD §7.1): Δ, B, C and x all come at once from the input, through one projection.
 
@@ -245,10 +266,8 @@ class Mamba2Mixer(nn.Module):
         c = self.config = config
         self.in_proj = nn.Linear(c.d_model, c.d_inner + c.conv_dim + c.nheads, bias=c.bias)   # [z, x, B, C, dt]
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
-        # mamba_ssm's initialisation: Δ log-uniform in [1e-3, 0.1] via dt_bias = softplus⁻¹(Δ); -A uniform in [1, 16]
-        dt = torch.exp(math.log(1e-3) + torch.rand(c.nheads) * (math.log(0.1) - math.log(1e-3))).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(c.nheads).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(init_dt_bias(c.nheads))
+        self.A_log = nn.Parameter(init_A_log(c.nheads))
         self.D = nn.Parameter(torch.ones(c.nheads))
         self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_eps)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
@@ -448,7 +467,7 @@ def load_mamba2(path, dtype=torch.float32, device="cpu"):
         _untie(state, weights)
     with torch.device("meta"):                                     # no memory, no init: every tensor is replaced
         model = Mamba2LM(config)
-    _check_state_dict(model, state, weights, config_path)
+    _check_state_dict(model, state, f"{weights} does not fit the model of {config_path} (names without 'backbone.')")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model
 
@@ -514,7 +533,9 @@ def _untie(state, source):
         raise ValueError(f"{source}: the config ties the embeddings, but lm_head.weight differs from the embedding")
 
 
-def _check_state_dict(model, state, source, config_path):
+def _check_state_dict(model, state, what):
+    """Raises ValueError("what: ...") listing every tensor of `state` that `model` misses, does not have, or has in
+    another shape."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -524,5 +545,447 @@ def _check_state_dict(model, state, source, config_path):
                 for kind, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
                 if names]
     if problems:
-        raise ValueError(f"{source} does not fit the model of {config_path} (names without 'backbone.'):\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. The connector: the vision encoder's patch grid -> tokens for the LM
+
+
+@dataclass
+class ConnectorConfig:
+    """The connector's kind and the sizes of its scan block (ignored by kind "mlp").
+
+    kind: "mlp"            LLaVA-1.5's 2-layer MLP alone (Liu et al. 2023, arXiv 2310.03744): the baseline;
+          "bidirectional"  row-major forward and backward, VL-Mamba's Bidirectional-Scan Mechanism;
+          "cross"          VMamba's four routes (rows, columns, both reversed), VL-Mamba's Cross-Scan Mechanism;
+          any other scan set or registered order of scan2d_kernel.py ("snake"), or a comma-separated list of orders
+          ("row,snake"): a student's new order works here by its name."""
+    kind: str = "cross"
+    d_state: int = 64               # N, each direction's state size per head and channel
+    headdim: int = 64               # P; each direction has expand * vision width / headdim heads
+    expand: int = 2                 # the scan block's inner width d_inner = expand * vision width
+    d_conv: int = 3                 # side of the depthwise convolution over the grid (odd: the grid keeps its size)
+    chunk_size: int = 256           # the SSD scan's chunk length (a power of two >= 16)
+    mlp_hidden: int | None = None   # the MLP's hidden width; None: the LM width, as LLaVA's and Prismatic's MLP
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("d_state", "headdim", "expand", "d_conv", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ConnectorConfig: {name} must be a positive integer, got {value!r}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
+            raise ValueError(f"ConnectorConfig: mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
+        if self.d_conv % 2 == 0:
+            raise ValueError(f"ConnectorConfig: d_conv must be odd so that the grid keeps its size, got {self.d_conv}")
+        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"ConnectorConfig: chunk_size must be a power of two >= 16, got {self.chunk_size}")
+        if not isinstance(self.kind, str):
+            raise ValueError(f"ConnectorConfig: kind must be a string, got {self.kind!r}")
+        self.orders                                                             # an unknown order fails here, early
+
+    @property
+    def orders(self):
+        """The names of the scan orders, one per direction; () for "mlp"."""
+        if self.kind == "mlp":
+            return ()
+        try:
+            return resolve_orders(self.kind.split(",") if "," in self.kind else self.kind)
+        except ValueError as e:
+            raise ValueError(f"ConnectorConfig: kind={self.kind!r} is not 'mlp', a scan set or scan orders: "
+                             f"{e}") from None
+
+
+def _scan_functions(x):
+    """(cross_scan, cross_merge, ssd) for x's device: the Triton kernels on a GPU, their PyTorch definitions on a CPU,
+    where Triton runs only interpreted (slowly). Tests swap this function to run the kernels on a CPU."""
+    if x.is_cuda:
+        return cross_scan, cross_merge, ssd_scan
+    return cross_scan_reference, cross_merge_reference, ssd_reference
+
+
+class VSSBlock(nn.Module):
+    """VMamba's Visual State Space block (arXiv 2401.10166: the VSS block around SS2D, the 2D selective scan), with
+    Mamba-2's SSD as the selective scan of each direction, as ML-Mamba's Mamba-2 Visual Selective Scan (arXiv
+    2407.19832, in its Mamba-2 Scan Connector). VL-Mamba's connector (arXiv 2403.13600, the Vision Selective Scan
+    module of its MultiModal Connector) is the same block with Mamba-1 scans. On the grid u (batch, H, W, dim):
+
+        z, x  = in_proj(RMSNorm(u))            the gate z and the scanned branch x, (batch, H, W, d_inner) each
+        x     = SiLU(depthwise_conv2d(x))      d_conv x d_conv neighbourhoods on the grid, before any scan
+        x_k   = cross_scan(x)[k]               the grid read in order π_k, for the K directions
+        Δ_k, B_k, C_k = x_proj_k(x_k)          each direction its own projections (SS2D's x_proj, per direction),
+        y_k   = SSD(x_k; Δ_k, A_k, B_k, C_k) + D_k x_k       its own A, dt_bias, D (SSD paper §3, §7), its own scan
+        y     = cross_merge(y_1 … y_K)         the K outputs summed back onto the grid (SS2D's CrossMerge)
+        out   = u + out_proj(RMSNorm(y ⊙ SiLU(z)))
+
+    in_proj, the convolution and out_proj are shared by the directions, as in SS2D. Where the papers leave a choice,
+    the simplest one: Δ, B, C come straight from one linear map of x_k (SS2D's x_proj; SS2D adds a low-rank dt_proj,
+    Mamba-2 reads them from in_proj), one B/C group per direction, and Mamba-2's norms (RMSNorm, and its gated
+    RMSNorm(y ⊙ SiLU(z)) of SSD §7.1) in place of VMamba's LayerNorm(y) ⊙ SiLU(z)."""
+
+    def __init__(self, config, dim):
+        super().__init__()
+        c = self.config = config
+        self.orders = c.orders
+        d_inner = c.expand * dim
+        if d_inner % c.headdim:
+            raise ValueError(f"ConnectorConfig: headdim={c.headdim} must divide d_inner = expand * vision width = "
+                             f"{c.expand} * {dim} = {d_inner}")
+        K, self.nheads = len(self.orders), d_inner // c.headdim
+        self.norm = RMSNorm(dim, c.norm_eps)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)                             # [z, x]
+        self.conv2d = nn.Conv2d(d_inner, d_inner, c.d_conv, padding=c.d_conv // 2, groups=d_inner)
+        bound = 1 / math.sqrt(d_inner)                                                     # nn.Linear's init
+        self.x_proj = nn.Parameter(torch.empty(K, self.nheads + 2 * c.d_state, d_inner).uniform_(-bound, bound))
+        self.dt_bias = nn.Parameter(init_dt_bias(K, self.nheads))                          # (K, nheads) each
+        self.A_log = nn.Parameter(init_A_log(K, self.nheads))
+        self.D = nn.Parameter(torch.ones(K, self.nheads))
+        self.out_norm = GatedRMSNorm(d_inner, group_size=d_inner, eps=c.norm_eps)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, u):
+        """u (batch, H, W, dim) -> (batch, H, W, dim)."""
+        z, x = self.in_proj(self.norm(u)).chunk(2, dim=-1)                                # (batch, H, W, d_inner)
+        x = F.silu(self.conv2d(rearrange(x, "b h w c -> b c h w")))
+        y = self.scan(rearrange(x, "b c h w -> b h w c"))
+        return u + self.out_proj(self.out_norm(y, z))
+
+    def scan(self, x):
+        """SS2D's K-direction selective scan: x (batch, H, W, d_inner) -> y of the same shape."""
+        c, K = self.config, len(self.orders)
+        _, H, W, _ = x.shape
+        scan, merge, ssd = _scan_functions(x)
+        xs = scan(x, self.orders)                                                # (K, batch, H*W, d_inner)
+        dt, B, C = torch.split(torch.einsum("kbld,ked->kble", xs, self.x_proj),   # one batched matmul for all k
+                               [self.nheads, c.d_state, c.d_state], dim=-1)
+        # The K directions become K groups of heads of one SSD call (one launch): each head scans its own sequence
+        # anyway, and A, dt_bias and D are per head, so each direction keeps its own; heads of group k read B_k, C_k.
+        # (Folding them into the batch instead would make the directions share A, which the scan takes per head.)
+        y = ssd(rearrange(xs, "k b l (h p) -> b l (k h) p", p=c.headdim),       # (batch, H*W, K*nheads, headdim)
+                rearrange(dt, "k b l h -> b l (k h)"), -torch.exp(self.A_log.float()).flatten(),
+                rearrange(B, "k b l n -> b l k n"), rearrange(C, "k b l n -> b l k n"),
+                chunk_size=c.chunk_size, D=self.D.flatten(), dt_bias=self.dt_bias.flatten(), dt_softplus=True)
+        ys = rearrange(y, "b l (k h) p -> k b l (h p)", k=K)                     # (K, batch, H*W, d_inner)
+        return merge(ys, self.orders, H, W)
+
+
+class Connector(nn.Module):
+    """The patch grid (batch, H, W, vision_dim) -> tokens for the LM (batch, H*W, lm_dim), in row-major patch order.
+
+        kind "mlp":   MLP(x)              LLaVA-1.5's projector, Prismatic's "gelu-mlp" (vision -> LM width -> LM width)
+        otherwise:    MLP(VSSBlock(x))    VL-Mamba's VSS-then-MLP connector; ML-Mamba's MSC then its MLP projector
+    MLP = Linear -> GELU -> Linear. One VSS block. ML-Mamba describes its MSC as the 2D scan followed by a SwiGLU
+    module; that is left out here, the simplest choice: the MLP after it already mixes the channels."""
+
+    def __init__(self, config, vision_dim, lm_dim):
+        super().__init__()
+        self.config, self.vision_dim = config, vision_dim
+        self.vss = None if config.kind == "mlp" else VSSBlock(config, vision_dim)
+        hidden = config.mlp_hidden or lm_dim
+        self.fc1 = nn.Linear(vision_dim, hidden)
+        self.fc2 = nn.Linear(hidden, lm_dim)
+
+    def forward(self, grid):
+        if grid.dim() != 4 or grid.shape[-1] != self.vision_dim:
+            raise ValueError(f"Connector: expected the patch grid (batch, H, W, {self.vision_dim}), got "
+                             f"{tuple(grid.shape)}")
+        if self.vss is not None:
+            grid = self.vss(grid)
+        return self.fc2(F.gelu(self.fc1(rearrange(grid, "b h w c -> b (h w) c"))))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. ML-Mamba: vision encoder + connector + Mamba-2 LM
+
+IGNORE_INDEX = -100                 # labels here are left out of the loss, as in data.py (cross_entropy's default)
+
+
+@dataclass
+class MLMambaConfig:
+    vision: VisionConfig | list[VisionConfig]   # one tower, or several fused (DINOv2 then SigLIP: FusedVisionEncoder)
+    connector: ConnectorConfig
+    lm: Mamba2Config
+
+    def __post_init__(self):
+        if isinstance(self.vision, tuple):
+            self.vision = list(self.vision)
+
+    def to_dict(self):
+        """Plain JSON types; `from_dict` gives back an equal config."""
+        asdict = dataclasses.asdict
+        vision = [asdict(v) for v in self.vision] if isinstance(self.vision, list) else asdict(self.vision)
+        return {"vision": vision, "connector": asdict(self.connector), "lm": asdict(self.lm)}
+
+    @classmethod
+    def from_dict(cls, d):
+        """From `to_dict`'s output (or its JSON): unknown or missing fields are errors."""
+        if not isinstance(d, dict) or set(d) != {"vision", "connector", "lm"}:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"MLMambaConfig: expected the fields ['connector', 'lm', 'vision'], got {got}")
+        vision = d["vision"]
+        vision = ([_from_fields(VisionConfig, v) for v in vision] if isinstance(vision, list)
+                  else _from_fields(VisionConfig, vision))
+        return cls(vision=vision, connector=_from_fields(ConnectorConfig, d["connector"]),
+                   lm=_from_fields(Mamba2Config, d["lm"]))
+
+
+def _from_fields(cls, fields):
+    """cls(**fields) for a dict read from JSON, whose lists are the tuples cls holds."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"{cls.__name__}: expected an object of fields, got {type(fields).__name__}")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except TypeError as e:                                                   # a missing field
+        raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+def build_vision(config):
+    """A randomly initialised encoder for a VisionConfig, or a FusedVisionEncoder for a list of them."""
+    if isinstance(config, list):
+        return FusedVisionEncoder([VisionEncoder(c) for c in config])
+    return VisionEncoder(config)
+
+
+@dataclass
+class MLMambaOutput:
+    logits: torch.Tensor                    # (batch, T, padded_vocab); T: see MLMamba.embed
+    loss: torch.Tensor | None = None        # mean cross-entropy over the supervised tokens (0 when there are none)
+    loss_sum: torch.Tensor | None = None    # their summed cross-entropy, float32
+    n_tokens: torch.Tensor | None = None    # how many tokens are supervised, a long scalar on the model's device
+
+
+def _checkpointed_forward(block, *args, **kwargs):
+    """block's own forward, through torch.utils.checkpoint while autograd records: its activations are recomputed in
+    the backward pass instead of kept. Generation (no_grad) runs it plainly."""
+    forward = type(block).forward
+    if torch.is_grad_enabled():
+        return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+    return forward(block, *args, **kwargs)
+
+
+class MLMamba(nn.Module):
+    """ML-Mamba (arXiv 2407.19832): image -> ViT patch grid -> connector -> tokens in front of the text -> Mamba-2.
+
+    The three parts are `vision`, `connector` and `lm`; training freezes or trains them by these names."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision = build_vision(config.vision)
+        self.connector = Connector(config.connector, self.vision.out_dim, config.lm.d_model)
+        self.lm = Mamba2LM(config.lm)
+        self.gradient_checkpointing = False
+
+    @property
+    def num_visual_tokens(self):
+        """H*W of the encoder's patch grid: the tokens each image becomes."""
+        return self.vision.num_patches
+
+    @property
+    def image_size(self):
+        return self.vision.image_size
+
+    # -- inputs ----------------------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values):
+        """pixel_values (n_images, 3, image_size, image_size), RGB in [0, 1] -> tokens (n_images, H*W, d_model)."""
+        S = self.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
+            raise ValueError(f"MLMamba: pixel_values must be (n_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
+                             f"vision.preprocess(image, model.image_size) makes them")
+        features = self.vision(pixel_values)                         # (n_images, H*W, vision_dim), row-major
+        H, W = self.vision.grid_size
+        return self.connector(rearrange(features, "n (h w) c -> n h w c", h=H, w=W))
+
+    def _check_batch(self, input_ids, pixel_values, has_image, lengths):
+        """has_image and lengths, filled in when None and checked against input_ids and pixel_values."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"MLMamba: input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
+        batch, seqlen = input_ids.shape
+        device = input_ids.device
+        if has_image is None:
+            has_image = torch.full((batch,), pixel_values is not None, dtype=torch.bool, device=device)
+        has_image = has_image.to(device=device, dtype=torch.bool)
+        if has_image.shape != (batch,):
+            raise ValueError(f"MLMamba: has_image must be ({batch},), one flag per row, got {tuple(has_image.shape)}")
+        n_images = int(has_image.sum())
+        given = 0 if pixel_values is None else pixel_values.shape[0]
+        if given != n_images:
+            raise ValueError(f"MLMamba: has_image marks {n_images} rows with an image but pixel_values holds {given} "
+                             f"images; they must be the images of those rows, in row order")
+        if lengths is None:
+            lengths = torch.full((batch,), seqlen, dtype=torch.long, device=device)
+        lengths = lengths.to(device=device, dtype=torch.long)
+        if lengths.shape != (batch,) or bool(((lengths < 0) | (lengths > seqlen)).any()):
+            raise ValueError(f"MLMamba: lengths must be ({batch},) with values in 0..{seqlen}, got {lengths.tolist()}")
+        return has_image, lengths
+
+    def embed(self, input_ids, pixel_values=None, has_image=None, lengths=None):
+        """The LM's input sequence, each row [its visual tokens if it has an image][its text][padding].
+
+        input_ids (batch, seqlen) right-padded, row i's text being input_ids[i, :lengths[i]]; pixel_values the images
+        of the rows with has_image, in row order. Returns (embeds, text_start, lengths): embeds (batch, T, d_model)
+        with T = num_visual_tokens + seqlen when any row has an image, else seqlen; text_start (batch,) where each
+        row's text begins (num_visual_tokens or 0). The visual tokens come before all text, BOS included, as in
+        ML-Mamba's code; Prismatic and Cobra put them after BOS. Right padding is harmless to a causal model."""
+        has_image, lengths = self._check_batch(input_ids, pixel_values, has_image, lengths)
+        text = self.lm.embedding(input_ids)                                         # (batch, seqlen, d_model)
+        text_start = torch.zeros_like(lengths)
+        if not bool(has_image.any()):
+            return text, text_start, lengths
+        visual = self.encode_images(pixel_values)                                   # (n_images, V, d_model)
+        (batch, seqlen), V = input_ids.shape, self.num_visual_tokens
+        text_start = V * has_image.long()
+        embeds = text.new_zeros(batch, V + seqlen, text.shape[-1])
+        rows = torch.arange(batch, device=input_ids.device)[:, None]
+        embeds[rows, text_start[:, None] + torch.arange(seqlen, device=input_ids.device)] = text
+        embeds[has_image, :V] = visual.to(embeds.dtype)
+        return embeds, text_start, lengths
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, labels=None, pixel_values=None, has_image=None, lengths=None):
+        """Logits, and with labels the next-token cross-entropy over the supervised tokens.
+
+        input_ids, labels (batch, seqlen), right-padded, labels aligned with input_ids (IGNORE_INDEX where there is
+        nothing to learn; positions past lengths are ignored whatever they hold): the model shifts them, so the output
+        at each token is scored on the label of the next. See `embed` for pixel_values, has_image, lengths and T."""
+        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths)
+        logits = self.lm(inputs_embeds=embeds)                                      # (batch, T, padded_vocab)
+        if labels is None:
+            return MLMambaOutput(logits)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"MLMamba: labels {tuple(labels.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
+        (batch, seqlen), T = input_ids.shape, logits.shape[1]
+        positions = torch.arange(seqlen, device=labels.device)
+        targets = labels.new_full((batch, T), IGNORE_INDEX)                          # labels on the T positions
+        targets[torch.arange(batch, device=labels.device)[:, None], text_start[:, None] + positions] = (
+            labels.masked_fill(positions >= lengths[:, None], IGNORE_INDEX))
+        supervised = targets[:, 1:] != IGNORE_INDEX                                 # output t predicts token t + 1
+        loss_sum = F.cross_entropy(logits[:, :-1][supervised].float(), targets[:, 1:][supervised], reduction="sum")
+        n_tokens = supervised.sum()
+        return MLMambaOutput(logits, loss_sum / n_tokens.clamp(min=1), loss_sum, n_tokens)
+
+    def set_gradient_checkpointing(self, enabled=True):
+        """Checkpoint each LM block and each vision block (torch.utils.checkpoint, non-reentrant): their activations
+        are recomputed in the backward pass instead of kept, trading compute for memory. Parameter names and
+        generation are unchanged."""
+        for block in self.modules():
+            if isinstance(block, (Mamba2Block, Block)):
+                if enabled:
+                    block.forward = functools.partial(_checkpointed_forward, block)   # shadows the class's forward
+                else:
+                    vars(block).pop("forward", None)
+        self.gradient_checkpointing = enabled
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, has_image=None, lengths=None, max_new_tokens=64,
+                 temperature=0.0, top_k=None, top_p=None, seed=None, eos_id=None, callback=None, decoder=None):
+        """New tokens for a batch of prompts (right-padded input_ids with lengths, with or without images, as for
+        `forward`): a list per row, ending with eos_id where the row produced it.
+
+        Each row is prefilled alone at its own length into its rows of one recurrent cache (the padding of a batched
+        prefill would enter the state), then all rows step together. temperature 0 is greedy; otherwise sampling as
+        `sample_next`, reproducible with seed. A row that has produced eos_id stops; generation ends when all have.
+        callback(step, new_ids) gets each step's tokens (batch,), eos_id for the rows already finished.
+        decoder: what allocates the cache and takes each step (`allocate_cache`, `step`), self.lm by default;
+        generate.CUDAGraphDecoder replays the step from a CUDA graph."""
+        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths)
+        ends = (text_start + lengths).tolist()                                      # each row's prompt length
+        if min(ends, default=1) == 0:
+            raise ValueError(f"MLMamba.generate: row {ends.index(0)} has neither an image nor any text to start from")
+        batch = len(ends)
+        decoder = self.lm if decoder is None else decoder
+        cache = decoder.allocate_cache(batch)
+        logits = []
+        for i, end in enumerate(ends):
+            row = Mamba2Cache(cache.conv_state[:, i:i + 1], cache.ssm_state[:, i:i + 1])   # views into `cache`
+            logits.append(self.lm(inputs_embeds=embeds[i:i + 1, :end], cache=row)[:, -1])
+        logits = torch.cat(logits)                                                  # (batch, padded_vocab)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        new_tokens = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits[:, :self.config.lm.vocab_size], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_ids = next_ids.masked_fill(done, eos_id)
+            for tokens, token, finished in zip(new_tokens, next_ids.tolist(), done.tolist()):
+                if not finished:
+                    tokens.append(token)
+            if callback is not None:
+                callback(step, next_ids)
+            if eos_id is not None:
+                done |= next_ids == eos_id
+                if bool(done.all()):
+                    break
+            if step < max_new_tokens - 1:
+                logits = decoder.step(next_ids, cache)
+        return new_tokens
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, lm_path, vision_path, connector, dinov2_path=None, dtype=torch.float32, device="cpu"):
+        """Pretrained parts and a new connector, as ML-Mamba starts training: the Mamba-2 LM of `load_mamba2(lm_path)`,
+        the SigLIP (or any) tower of `load_vision(vision_path, dinov2_path)` (DINOv2 fused in front when given), and a
+        randomly initialised connector of ConnectorConfig `connector`. Local paths only."""
+        lm = load_mamba2(lm_path, dtype=dtype, device=device)
+        vision = load_vision(vision_path, dinov2_path=dinov2_path, dtype=dtype, device=device)
+        towers = vision.towers if isinstance(vision, FusedVisionEncoder) else None
+        config = MLMambaConfig(vision=[t.config for t in towers] if towers is not None else vision.config,
+                               connector=connector, lm=lm.config)
+        with torch.device("meta"):
+            model = cls(config)                                     # the skeleton: no memory, no init, replaced below
+        model.vision, model.lm = vision, lm
+        model.connector = Connector(connector, vision.out_dim, lm.config.d_model).to(device=device, dtype=dtype)
+        return model
+
+    def save_pretrained(self, directory):
+        """config.json and model.safetensors in `directory`, which is replaced as a whole (anything else in it goes):
+        written to a temporary folder beside it and renamed into place, so it never holds half a checkpoint."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"MLMamba.save_pretrained: {directory} exists and is not a directory")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+
+    @classmethod
+    def load_pretrained(cls, directory, dtype=torch.float32, device="cpu"):
+        """A model written by `save_pretrained`. Every tensor must be there with its shape: anything missing,
+        unexpected or mis-shaped is a ValueError that lists it; a bad config.json one that names it."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"MLMamba.load_pretrained: {directory} is not a directory")
+        config_path, weights = directory / "config.json", directory / "model.safetensors"
+        raw = _read_json(config_path)
+        try:
+            config = MLMambaConfig.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        state = _read_weights(weights)
+        with torch.device("meta"):
+            model = cls(config)
+        _check_state_dict(model, state, f"{weights} does not fit the model of {config_path}")
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+        return model

@@ -17,6 +17,8 @@ Shapes follow mamba_ssm's `mamba_chunk_scan_combined`:
 Heads share B and C in groups: head h reads group h // (nheads // ngroups).
 Δ = softplus(dt + dt_bias) when dt_softplus, else dt + dt_bias.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -163,6 +165,14 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 #             C or B, which the heads share (_chunk_scan_bwd_db_kernel, _chunk_scan_bwd_dc_kernel).
 
 
+def _tuned(fn):
+    """Autotunes a kernel over warps and pipeline depth, once per (P, N), on a GPU; the interpreter runs one setting.
+    Only for kernels that just store their outputs, since tuning runs them several times."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return triton.autotune(configs[:1] if interpreted else configs, key=["P", "N"])(fn)
+
+
 @triton.jit
 def _chunk_cb_kernel(
     C_ptr, B_ptr, cb_ptr,
@@ -270,9 +280,12 @@ def _state_passing_kernel(
         R = tl.load(init_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, mask=mask, other=0.0)
     else:
         R = tl.zeros((BLOCK,), dtype=tl.float32)
+    s = tl.load(states_ptr + s_off + (nchunks - 1 if REVERSE else 0) * stride_s_c, mask=mask, other=0.0)
     for i in range(nchunks):
         c = nchunks - 1 - i if REVERSE else i
-        s = tl.load(states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
+        # the next chunk's s is requested before this chunk is written: the loop is a chain of loads otherwise
+        s_next = tl.load(states_ptr + s_off + (c - 1 if REVERSE else c + 1) * stride_s_c,
+                         mask=offs < tl.where(i + 1 < nchunks, dim, 0), other=0.0)
         decay = tl.exp(tl.load(acs_end_ptr + c * stride_a_c))
         tl.store(states_ptr + s_off + c * stride_s_c, R, mask=mask)
         if REVERSE:
@@ -280,9 +293,11 @@ def _state_passing_kernel(
             tl.store(dots_ptr + ((b * tl.num_programs(2) + h) * nchunks + c) * tl.num_programs(0) + pid,
                      tl.sum(R * carried))
         R = decay * R + s
+        s = s_next
     tl.store(final_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, R, mask=mask)
 
 
+@_tuned
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, delta_ptr, acs_ptr, C_ptr, cb_ptr, states_ptr, D_ptr, y_ptr,
@@ -354,6 +369,7 @@ def _chunk_scan_fwd_kernel(
              mask=in_m[:, None] & in_p[None, :])
 
 
+@_tuned
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, delta_ptr, acs_ptr, B_ptr, cb_ptr, dy_ptr, dstates_ptr, D_ptr,
@@ -446,6 +462,7 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(ddelta_ptr + a_off + offs_m, tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
 
 
+@_tuned
 @triton.jit
 def _chunk_scan_bwd_db_kernel(
     x_ptr, delta_ptr, acs_ptr, C_ptr, dy_ptr, dstates_ptr, dB_ptr,
@@ -521,6 +538,7 @@ def _chunk_scan_bwd_db_kernel(
     tl.store(dB_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
 
 
+@_tuned
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, dC_ptr, da_out_ptr,
@@ -653,7 +671,7 @@ def _state_passing(states, acs, initial, reverse_of=None):
     acs_end = acs[..., -1]                                                  # (batch, nheads, nchunks)
     if initial is not None:
         initial = initial.float().contiguous()
-    BLOCK = min(1024, triton.next_power_of_2(P * N))
+    BLOCK = min(512, triton.next_power_of_2(P * N))
     blocks = triton.cdiv(P * N, BLOCK)
     dots = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
     _state_passing_kernel[(blocks, batch, nheads)](

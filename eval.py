@@ -1,0 +1,322 @@
+"""Closed-set evaluation of an ML-Mamba checkpoint on local benchmark files: a table on stdout, everything in JSON.
+
+    python eval.py --data out/shapes/data/shapes-64px-20000-1000-seed0/test.json     # the built-in held-out set
+    python eval.py --ckpt out/stage2/latest --data pope/coco_pope_random.json --data pope/coco_pope_adversarial.json \\
+                   --images coco/val2014
+    python eval.py --data textvqa_val.jsonl --images textvqa/train_images --out textvqa.json
+
+Answers are greedy, batched through `MLMamba.generate` (replayed from a CUDA graph on a GPU), and prompted with the
+training template (data.encode_prompt). The task of each file comes from its records' fields (or --task):
+
+  vqa   LLaVA-format conversations (the last answer is the reference, the turns before it the history), or records
+        {"question" | "text", "answer" | "answers", "image"?}; VQAv2 / TextVQA keep ten human answers per question,
+        as strings or as {"answer": ...}. accuracy: answers equal after VQA normalisation (data.normalize_answer); with
+        several references the VQA accuracy min(1, #annotators who gave the answer / 3), averaged over the ten ways of
+        leaving one annotator out (Antol et al. 2015). exact_match: equal as stripped strings to a reference.
+  pope  POPE's records (Li et al. 2023, arXiv 2305.10355) {"question_id", "image", "text", "label": "yes" | "no"}: an
+        answer is "no" when its first sentence holds the word no, No or not, otherwise "yes" (LLaVA's eval_pope);
+        accuracy, and precision, recall, F1 of "yes", and the yes-ratio.
+  mc    multiple choice, ScienceQA / MMBench-like: {"question", "options" | "choices": [...] or {"A": ...},
+        "answer": a letter or an index, "hint"?, "image"?}; the prompt lists the options as "A. ..." and asks for the
+        letter (LLaVA's single-prediction prompt); `extract_choice` reads the letter from the answer; accuracy, and
+        how many answers named no option.
+
+Image paths are relative to --images, by default the data file's folder. Every image is checked before the model runs.
+"""
+import dataclasses
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+from generate import (DEFAULT_CKPT, CUDAGraphDecoder, GenerateError, advice_on_out_of_memory, decode_answer,
+                      encode_question, load_checkpoint, loading_advice, make_batch, one_line, option, parse_config,
+                      read_image, resolve_device)
+
+TASKS = ("vqa", "pope", "mc")
+LETTERS = "ABCDEFGHIJ"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass
+class EvalConfig:
+    data: list[str] = option([], "a benchmark file (JSON or JSON Lines); repeat for several")
+    images: str | None = option(None, "the folder the records' image paths are relative to; default: each data "
+                                      "file's folder")
+    ckpt: str = option(DEFAULT_CKPT, "a checkpoint directory of train.py, or its out_dir (then its 'latest')")
+    task: str = option("auto", "vqa, pope or mc; auto: from the records' fields")
+    batch_size: int = option(32, "questions per generate call")
+    max_new_tokens: int = option(32, "the longest answer, in tokens")
+    out: str = option("eval.json", "where the metrics and every prediction are written")
+    device: str = option("auto", "'cuda', 'cpu', ...; auto: cuda when there is a GPU")
+    dtype: str = option("auto", "weights: 'bf16' or 'fp32'; auto: bf16 on a GPU, fp32 on a CPU")
+    cuda_graph: bool = option(True, "on a GPU, replay the per-token step from a CUDA graph")
+
+
+@dataclass
+class Item:
+    """One question, whatever the file's format."""
+    id: str
+    image: str | None                       # a path under the image folder, or None: text only
+    question: str                           # as the prompt asks it (a multiple-choice question with its options)
+    references: list[str]                   # vqa: the reference answers; pope: ["yes"] or ["no"]; mc: [the letter]
+    history: list = dataclasses.field(default_factory=list)     # earlier (question, answer) turns
+    options: list[str] = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Metrics: each a function of predictions and references alone
+
+
+def vqa_accuracy(prediction, references):
+    """1 or 0 for one reference (normalised answers equal); for several (VQAv2's ten annotators) the official VQA
+    accuracy: with each annotator left out in turn, min(1, matches among the others / 3), averaged."""
+    prediction = data.normalize_answer(prediction)
+    matches = [data.normalize_answer(r) == prediction for r in references]
+    if len(references) == 1:
+        return float(matches[0])
+    return sum(min(1.0, (sum(matches) - m) / 3) for m in matches) / len(matches)
+
+
+def exact_match(prediction, references):
+    return float(any(prediction.strip() == r.strip() for r in references))
+
+
+def pope_says_yes(answer):
+    """POPE's reading of a free answer, as LLaVA's eval_pope: "no" when its first sentence holds the word "no", "No"
+    or "not", otherwise "yes"."""
+    words = answer.split(".")[0].replace(",", "").split(" ")
+    return not any(word in ("no", "No", "not") for word in words)
+
+
+def pope_metrics(says_yes, is_yes):
+    """Accuracy, and precision, recall and F1 of the "yes" answers, and the share of "yes" answers (a model that
+    agrees with everything has a yes-ratio near 1)."""
+    pairs = list(zip(says_yes, is_yes, strict=True))
+    tp = sum(p and t for p, t in pairs)
+    fp = sum(p and not t for p, t in pairs)
+    fn = sum(not p and t for p, t in pairs)
+    tn = len(pairs) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return dict(accuracy=(tp + tn) / len(pairs), precision=precision, recall=recall,
+                f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                yes_ratio=(tp + fp) / len(pairs))
+
+
+def extract_choice(answer, options):
+    """The letter of the option an answer names, or None. In this order: the answer is a letter ("B", "(B)", "B."),
+    begins with one followed by ".", ")" or ":" ("B. a dog"), says "answer is B", or is one option's text (after VQA
+    normalisation, so "A dog." names the option "dog", not option A)."""
+    letters = LETTERS[:len(options)]
+    text = answer.strip()
+    found = (re.fullmatch(r"\(?([A-J])[.):]?", text) or re.match(r"\(?([A-J])[.):](\s|$)", text)
+             or re.search(r"(?i:answer is):?\s*\(?([A-J])\b", text))
+    if found and found.group(1) in letters:
+        return found.group(1)
+    named = [letter for letter, option in zip(letters, options)
+             if data.normalize_answer(option) == data.normalize_answer(text)]
+    return named[0] if len(named) == 1 else None
+
+
+def score(task, items, predictions):
+    """(metrics, per-item scores) for a task."""
+    if task == "vqa":
+        accuracy = [vqa_accuracy(p, item.references) for item, p in zip(items, predictions)]
+        exact = [exact_match(p, item.references) for item, p in zip(items, predictions)]
+        return dict(accuracy=mean(accuracy), exact_match=mean(exact)), accuracy
+    if task == "pope":
+        says_yes = [pope_says_yes(p) for p in predictions]
+        is_yes = [item.references[0] == "yes" for item in items]
+        return pope_metrics(says_yes, is_yes), [float(s == t) for s, t in zip(says_yes, is_yes)]
+    choices = [extract_choice(p, item.options) for item, p in zip(items, predictions)]
+    correct = [float(c == item.references[0]) for item, c in zip(items, choices)]
+    return dict(accuracy=mean(correct), no_option=sum(c is None for c in choices)), correct
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Reading the public formats
+
+
+def detect_task(records, source):
+    """The task the records' fields say: 'conversations' or 'answer(s)' vqa, 'label' pope, 'options'/'choices' mc."""
+    first = records[0] if isinstance(records[0], dict) else {}
+    if "label" in first:
+        return "pope"
+    if "options" in first or "choices" in first:
+        return "mc"
+    if "conversations" in first or "answer" in first or "answers" in first:
+        return "vqa"
+    raise ValueError(f"{source}: cannot tell the task from the first record's fields {sorted(first)}: expected "
+                     f"'conversations' or 'answer(s)' (vqa), 'label' (POPE), 'options' or 'choices' (multiple "
+                     f"choice); or give --task")
+
+
+def mc_question(question, options, hint=None):
+    """LLaVA's multiple-choice prompt: [hint] question, one "A. option" line each, then the instruction."""
+    lines = ([hint] if hint else []) + [question] + [f"{l}. {o}" for l, o in zip(LETTERS, options)]
+    return "\n".join(lines + [MC_INSTRUCTION])
+
+
+def _answers(value):
+    """A reference answer, a list of them, or VQAv2's list of {"answer": ...} -> a list of strings."""
+    values = value if isinstance(value, list) else [value]
+    return [str(v["answer"] if isinstance(v, dict) else v) for v in values]
+
+
+def _item(record, task, index):
+    """An Item from one record; KeyError/ValueError/TypeError for a record that does not fit the task."""
+    ident = str(record.get("question_id", record.get("id", index)))
+    image = record.get("image")
+    if task == "vqa" and "conversations" in record:
+        turns = data.conversation_turns(record)
+        return Item(ident, image, turns[-1][0], [turns[-1][1]], history=turns[:-1])
+    question = record["question"] if "question" in record else record["text"]
+    if task == "vqa":
+        return Item(ident, image, question, _answers(record["answers"] if "answers" in record else record["answer"]))
+    if task == "pope":
+        label = str(record["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"label {record['label']!r} is not yes or no")
+        return Item(ident, image, question, [label])
+    options = record["options"] if "options" in record else record["choices"]
+    if isinstance(options, dict):
+        options = [options[letter] for letter in LETTERS if letter in options]
+    options = [str(o) for o in options]
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"has {len(options)} options, expected 2 to {len(LETTERS)}")
+    answer = record["answer"]
+    letter = LETTERS[answer] if isinstance(answer, int) else str(answer).strip().strip("().").upper()
+    if letter not in LETTERS[:len(options)]:
+        raise ValueError(f"answer {answer!r} is not one of the options' letters {LETTERS[:len(options)]}")
+    return Item(ident, image, mc_question(question, options, record.get("hint")), [letter], options=options)
+
+
+def load_items(path, image_folder, task="auto"):
+    """(task, items) of a benchmark file; ValueError listing the records that do not fit the task, and the images
+    that are missing or unreadable (their headers are opened: missing, empty, not an image, decompression bombs)."""
+    records = data.read_conversations(path)                 # a JSON list or JSON Lines, one record per line
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    task = detect_task(records, path) if task == "auto" else task
+    if task == "vqa" and isinstance(records[0], dict) and "conversations" in records[0]:
+        data.validate_records(records, image_folder, source=path)
+    items, problems = [], []
+    for index, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"is a {type(record).__name__}, not an object")
+            items.append(_item(record, task, index))
+        except KeyError as e:
+            problems.append(f"record {index}: no {e} field, which {task} needs")
+        except (ValueError, TypeError, IndexError) as e:
+            problems.append(f"record {index}: {e}")
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} of {len(records)} records do not fit task {task}: "
+                         f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
+    images = [dict(id=item.id, image=item.image) for item in items if item.image is not None]
+    bad = data.find_unreadable_images(images, image_folder)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} images missing or unreadable under {image_folder}: "
+                         f"{'; '.join(f'id {i}: {reason}' for i, reason in bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    return task, items
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Answering and reporting
+
+
+@torch.no_grad()
+def predict(model, tokenizer, items, image_folder, c, decoder=None):
+    """Greedy answers to the items, batch_size at a time."""
+    predictions = []
+    for start in tqdm(range(0, len(items), c.batch_size), desc="eval", unit="batch", file=sys.stderr, leave=False):
+        chunk = items[start:start + c.batch_size]
+        images = [None if item.image is None else read_image(Path(image_folder) / item.image) for item in chunk]
+        prompts = [encode_question(tokenizer, item.question, item.history) for item in chunk]
+        tokens = model.generate(**make_batch(model, tokenizer, images, prompts), max_new_tokens=c.max_new_tokens,
+                                eos_id=tokenizer.eos_id, decoder=decoder)
+        predictions += [decode_answer(tokenizer, t) for t in tokens]
+    return predictions
+
+
+def table(results):
+    """One row per file: its task, size, accuracy and the task's other metrics (percentages)."""
+    rows = [("data", "task", "n", "accuracy", "other metrics")]
+    for r in results:
+        others = [f"{k} {100 * v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                  for k, v in r["metrics"].items() if k != "accuracy"]
+        rows.append((Path(r["data"]).name, r["task"], str(r["n"]), f"{100 * r['metrics']['accuracy']:.2f}",
+                     "  ".join(others)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def check_config(c):
+    problems = []
+    if not c.data:
+        problems.append("give a benchmark file with --data")
+    if c.task not in ("auto", *TASKS):
+        problems.append(f"--task must be auto, vqa, pope or mc, got {c.task!r}")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(c, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(c, name)}")
+    if problems:
+        raise GenerateError("; ".join(problems))
+
+
+def run(c, log=sys.stderr):
+    """Evaluate every --data file; prints the table, writes --out, returns its contents."""
+    check_config(c)
+    benchmarks = []
+    for path in c.data:                                   # all files read and checked before the model loads
+        folder = Path(c.images) if c.images is not None else Path(path).parent
+        try:
+            benchmarks.append((path, folder, *load_items(path, folder, c.task)))
+        except (ValueError, FileNotFoundError) as e:
+            raise GenerateError(one_line(e)) from None
+    device, dtype = resolve_device(c.device, c.dtype)
+    with advice_on_out_of_memory(device, loading_advice(device, dtype)):
+        model, tokenizer, directory = load_checkpoint(c.ckpt, device, dtype)
+    decoder = CUDAGraphDecoder(model.lm) if device.type == "cuda" and c.cuda_graph else None
+    results = []
+    for path, folder, task, items in benchmarks:
+        start = time.perf_counter()
+        advice = [f"a smaller --batch_size (now {c.batch_size})"] + loading_advice(device, dtype)[:1]
+        with advice_on_out_of_memory(device, advice):
+            predictions = predict(model, tokenizer, items, folder, c, decoder)
+        metrics, scores = score(task, items, predictions)
+        print(f"eval.py: {path}: {len(items)} {task} questions in {time.perf_counter() - start:.1f} s", file=log)
+        results.append(dict(data=str(path), task=task, n=len(items), metrics=metrics, predictions=[
+            dict(id=item.id, question=item.question, prediction=p, references=item.references, score=s)
+            for item, p, s in zip(items, predictions, scores)]))
+    report = dict(ckpt=str(directory), date=time.strftime("%Y-%m-%d %H:%M:%S"), dtype=str(dtype), device=str(device),
+                  results=results)
+    Path(c.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+    print(f"eval.py: metrics and every prediction in {c.out}", file=log)
+    return report
+
+
+def cli(argv=None):
+    """The command line; a problem the user can fix is one line on stderr and exit status 1."""
+    try:
+        run(parse_config(EvalConfig, argv, __doc__.split("\n\n")[0]))
+    except GenerateError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

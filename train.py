@@ -1,0 +1,934 @@
+"""Train ML-Mamba: a vision encoder, a connector and a Mamba-2 LM, on LLaVA-format conversations.
+
+    python train.py                               # the main job: a tiny from-scratch model learns the built-in
+                                                  # shapes data (a GPU preset, or a smaller CPU one); held-out accuracy
+    python train.py --lm mamba2-370m --vision siglip-base-patch16-224 --data llava.json --images img/ \\
+                    --stage 1 --out_dir out/stage1                            # paper stage 1: the connector only
+    python train.py --init out/stage1/latest --data llava.json --images img/ --stage 2 --out_dir out/stage2
+    torchrun --nproc_per_node=8 train.py ... [--fsdp]                          # data parallel, same results per batch
+    python train.py --out_dir out/shapes --resume                              # continue exactly where it stopped
+
+The recipe, top to bottom:
+1. Config       `TrainConfig`: one flag per field (`--lr 3e-4` sets `lr`); `--preset` picks defaults, flags override
+2. Data         LLaVA JSON validated before anything trains (every problem listed with its record id); the built-in
+                shapes data is first written to disk as LLaVA JSON, so it takes the very same path as real data
+3. Model        from scratch (tiny sizes from the preset), from pretrained Mamba-2 + SigLIP folders, or from a
+                checkpoint of this script; `--stage` picks what trains
+4. Optimisation AdamW, linear warmup then cosine decay, gradient clipping; each step's loss is the mean over the
+                supervised tokens of the whole global batch, however it is split into micro-batches and ranks
+5. Checkpoints  a fresh directory per save, published by atomically replacing the `latest` symlink; exact resume
+6. Evaluation   held-out loss, and exact-match accuracy of greedy answers against a majority-answer baseline
+7. The loop     SIGINT/SIGTERM save and exit cleanly; a NaN/inf loss stops before it touches the weights
+8. Loss curve   a PNG drawn with pillow
+
+Exact resume: a step's data is a function of (seed, step) only (data.ShardedBatchSampler), the learning rate a
+function of the step, and the random generators are re-seeded from (seed, step, rank) before every step; so model,
+optimizer state, step and loss history are all a checkpoint needs for a resumed run to equal an uninterrupted one.
+"""
+import argparse
+import contextlib
+import dataclasses
+import errno
+import functools
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import sys
+import textwrap
+import time
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+from mlmamba import ConnectorConfig, Mamba2Block, Mamba2Config, MLMamba, MLMambaConfig
+from tokenizer import load_tokenizer
+from vision import Block, VisionConfig
+
+
+class TrainingError(Exception):
+    """A problem the user can fix (bad data, a bad checkpoint, a full disk, a diverged loss): printed without a
+    traceback, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = option("out/shapes", "checkpoints, the tokenizer, the built-in data and the loss curve go here")
+    resume: bool = option(False, "continue the run in out_dir from its latest checkpoint, exactly")
+    seed: int = option(0, "seeds the data order, the initialisation and the built-in data")
+    # data
+    data: str | None = option(None, "LLaVA-format JSON (or JSON Lines) to train on; default: the built-in shapes")
+    images: str | None = option(None, "the folder that the records' image paths are relative to")
+    eval_data: str | None = option(None, "held-out LLaVA-format JSON; default: eval_samples records held out of --data")
+    eval_samples: int = option(1000, "held-out records evaluated (and held out of --data when there is no --eval_data)")
+    shapes_train: int = option(20_000, "built-in data: training records")
+    shapes_test: int = option(1000, "built-in data: held-out records")
+    shapes_image_size: int = option(64, "built-in data: side of the drawn images in pixels")
+    max_len: int = option(256, "text tokens per example at most (the visual tokens come on top)")
+    strict_images: bool = option(False, "stop at the first unreadable image instead of counting and skipping it")
+    num_workers: int = option(2, "DataLoader worker processes per rank")
+    # model
+    init: str | None = option(None, "start from a checkpoint of this script (e.g. out/stage1/latest)")
+    lm: str | None = option(None, "a pretrained Mamba-2 folder (mamba_ssm's or transformers' layout)")
+    vision: str | None = option(None, "a pretrained SigLIP (or DINOv2) folder; needed with --lm")
+    dinov2: str | None = option(None, "a DINOv2 folder fused in front of --vision (Prismatic's dinosiglip)")
+    tokenizer: str | None = option(None, "tokenizer.json or sentencepiece .model; default: the one in --lm or --init, "
+                                         "or one trained on the data for a from-scratch model")
+    connector: str = option("cross", "connector kind: mlp, bidirectional, cross, or scan order names")
+    image_size: int = option(64, "from scratch: the vision encoder's input side in pixels")
+    patch_size: int = option(8, "from scratch: ViT patch side; (image_size / patch_size)^2 visual tokens")
+    vision_width: int = option(192, "from scratch: ViT width (heads of 64 channels)")
+    vision_depth: int = option(4, "from scratch: ViT blocks")
+    d_model: int = option(256, "from scratch: Mamba-2 width")
+    n_layer: int = option(4, "from scratch: Mamba-2 blocks")
+    d_state: int = option(64, "SSD state size N: the connector's scans, and the LM's from scratch")
+    headdim: int = option(64, "SSD head dimension P: the connector's scans, and the LM's from scratch")
+    chunk_size: int = option(64, "SSD chunk length, a power of two >= 16: the connector's, and the LM's from scratch")
+    vocab_size: int = option(512, "from scratch: sentencepiece vocabulary (256 byte pieces included)")
+    stage: str = option("full", "what trains: 'full' everything (from scratch), '1' the connector (vision and LM "
+                                "frozen), '2' connector and LM (vision frozen)")
+    # optimisation
+    steps: int = option(3000, "optimizer steps")
+    batch_size: int = option(128, "samples per optimizer step, over all ranks and micro-batches")
+    micro_batch_size: int = option(128, "samples per forward pass on one rank; gradients accumulate up to batch_size")
+    lr: float = option(1.5e-3, "peak learning rate, reached after warmup_steps")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(300, "linear warmup from 0")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices and embeddings only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradients' global norm to this")
+    precision: str = option("auto", "'bf16' autocast (float32 weights), 'fp32', or 'auto': bf16 on a GPU")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    fsdp: bool = option(False, "with torchrun: shard weights, gradients and optimizer state (FSDP2, per block)")
+    # evaluation, logging, checkpoints
+    eval_every: int = option(500, "evaluate on the held-out records every this many steps (and at the end)")
+    eval_batch_size: int = option(100, "held-out samples per forward pass")
+    max_new_tokens: int = option(64, "evaluation: the longest answer generated")
+    save_every: int = option(1000, "checkpoint every this many steps (and at the end, and when interrupted)")
+
+
+PRESETS = {
+    # one H100: the defaults above; 64 px images, an 8 x 8 patch grid, a 4-block LM (an estimate: see README)
+    "gpu": dict(shapes_train=50_000, steps=6000, eval_every=1000, save_every=2000, num_workers=6),
+    # 2 CPU cores, a few minutes: 32 px images, one patch per quadrant, the MLP connector (a 2 x 2 grid has little to
+    # scan, and the MLP learns faster in the few steps a CPU has), 2-block towers; clearly above chance, not 90%
+    "cpu": dict(shapes_train=8000, shapes_test=500, shapes_image_size=32, image_size=32, patch_size=16, connector="mlp",
+                vision_width=64, vision_depth=2, d_model=64, n_layer=2, d_state=16, headdim=32, chunk_size=32,
+                vocab_size=320, steps=700, batch_size=128, micro_batch_size=128, lr=3e-3, min_lr=3e-4,
+                warmup_steps=50, eval_every=175, eval_samples=500, save_every=700, num_workers=0),
+}
+STAGES = {"full": ("vision", "connector", "lm"), "1": ("connector",), "2": ("connector", "lm")}
+
+
+def _flag_type(annotation):
+    """str | None -> str: the type a flag's text is parsed as."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def parse_args(argv=None):
+    """TrainConfig from the command line: preset defaults, then (with --resume) the run's saved config, then the
+    flags given. Returns (config, preset name)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    default_preset = "gpu" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
+                        help="defaults for the sizes and schedule; explicit flags override them")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _flag_type(f.type)
+        extra = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"], **extra)
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    values = {**PRESETS[preset], **args}
+    if args.get("resume"):
+        saved = Path(args.get("out_dir", TrainConfig.out_dir)) / "latest" / "train_config.json"
+        if not saved.is_file():
+            raise TrainingError(f"--resume: {saved} not found; there is no checkpoint to resume in that out_dir")
+        values = {**json.loads(saved.read_text()), **args}
+    config = TrainConfig(**values)
+    check_config(config)
+    return config, preset
+
+
+def check_config(c):
+    problems = []
+    if c.stage not in STAGES:
+        problems.append(f"--stage must be one of {', '.join(STAGES)}, got {c.stage!r}")
+    if c.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"--precision must be auto, bf16 or fp32, got {c.precision!r}")
+    if (c.lm is None) != (c.vision is None):
+        problems.append("--lm and --vision go together (a pretrained Mamba-2 and a pretrained vision encoder)")
+    if c.init is not None and c.lm is not None:
+        problems.append("--init and --lm/--vision are two different starting points; give one")
+    if c.dinov2 is not None and c.vision is None:
+        problems.append("--dinov2 is fused with a --vision encoder; give both")
+    if c.images is not None and c.data is None:
+        problems.append("--images goes with --data")
+    if c.stage != "full" and c.lm is None and c.init is None:
+        problems.append(f"--stage {c.stage} freezes the vision encoder, which from scratch is random: train "
+                        f"from scratch with --stage full, or give --lm/--vision or --init")
+    for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "save_every", "eval_samples",
+                 "eval_batch_size", "max_len", "max_new_tokens"):
+        if getattr(c, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(c, name)}")
+    if problems:
+        raise TrainingError("bad arguments:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes: one, or one per GPU / CPU slot under torchrun
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self):
+        """The rank that prints and writes files."""
+        return self.rank == 0
+
+
+def setup_processes():
+    """Join torchrun's process group when launched by it (nccl on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ:
+        return Ranks(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_sum(values, ranks):
+    """Sum a list of numbers over the ranks (a float64 vector, one all_reduce)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=ranks.device)
+    if ranks.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def on_main(ranks, fn):
+    """fn() on the main rank only (it writes the files), the others waiting; its result, or its error as a
+    TrainingError, reaches every rank, so that no rank is left waiting for one that failed."""
+    outcome = [None, None]
+    if ranks.main:
+        try:
+            outcome[0] = fn()
+        except (TrainingError, ValueError, FileNotFoundError) as e:
+            outcome[1] = str(e)
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise TrainingError(outcome[1])
+    return outcome[0]
+
+
+def print0(ranks, *args):
+    if ranks.main:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Data
+
+
+def shapes_folder(c):
+    """Where the built-in data lives on disk, named by everything that determines it."""
+    return (Path(c.out_dir) / "data" /
+            f"shapes-{c.shapes_image_size}px-{c.shapes_train}-{c.shapes_test}-seed{c.seed}")
+
+
+def write_shapes(c):
+    """The built-in data as LLaVA files (train.json, test.json, images/), written once, atomically: a run killed
+    while writing leaves no half-written folder behind."""
+    folder = shapes_folder(c)
+    if not folder.is_dir():
+        splits = data.make_shapes(data.ShapesConfig(c.shapes_image_size, c.shapes_train, c.shapes_test, c.seed))
+        tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        data.write_llava(splits["train"], tmp, "train")
+        data.write_llava(splits["test"], tmp, "test")
+        os.replace(tmp, folder)
+    return folder / "train.json", folder / "test.json", folder
+
+
+def load_data(c, ranks):
+    """(train records, held-out records, image folder): read, validated, unreadable images counted and left out."""
+    if c.data is None:
+        train_json, eval_json, images = on_main(ranks, lambda: write_shapes(c))
+    else:
+        train_json, eval_json, images = Path(c.data), c.eval_data, c.images
+    try:
+        train = data.load_conversations(train_json, images)
+        if eval_json is not None:
+            held_out = data.load_conversations(eval_json, images)[:c.eval_samples]
+        else:                                          # a seeded random choice of records, left out of training
+            order = np.random.default_rng(c.seed).permutation(len(train))
+            held_out = [train[i] for i in sorted(order[:c.eval_samples])]
+            train = [train[i] for i in sorted(order[c.eval_samples:])]
+            if not train:
+                raise ValueError(f"data: {train_json} holds {len(held_out)} records, all held out for evaluation "
+                                 f"(--eval_samples {c.eval_samples}); lower it or give --eval_data")
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
+    train = _drop_unreadable(train, images, c.strict_images, "training", ranks)
+    held_out = _drop_unreadable(held_out, images, c.strict_images, "held-out", ranks)
+    return train, held_out, images
+
+
+def _drop_unreadable(records, images, strict, split, ranks):
+    """The records without the images whose header cannot be read (`data.find_unreadable_images`)."""
+    bad = dict(data.find_unreadable_images(records, images))
+    if bad and strict:
+        listed = "\n  ".join(f"id {i!r}: {reason}" for i, reason in list(bad.items())[:data.MAX_LISTED])
+        raise TrainingError(f"data: {len(bad)} unreadable images in the {split} records (--strict_images):\n  {listed}")
+    if bad:
+        print0(ranks, f"{split} {data.skip_summary(list(bad.items()))}")
+    return [r for r in records if r["id"] not in bad]
+
+
+def train_text_tokenizer(c, records, ranks):
+    """A from-scratch run's sentencepiece tokenizer, trained on its training text once and kept in out_dir."""
+    path = Path(c.out_dir) / "tokenizer.model"
+
+    def train():
+        if not path.is_file():
+            tmp = path.with_name(f".tmp-{os.getpid()}-tokenizer.model")
+            data.train_tokenizer(records, tmp, c.vocab_size)
+            os.replace(tmp, path)
+        return path
+    return on_main(ranks, train)
+
+
+def tokenizer_path(c, start, records, ranks):
+    """The tokenizer file this run uses: the one in the checkpoint it starts from, --tokenizer, the one in --lm's
+    folder, or a new one trained on the records."""
+    if c.tokenizer is not None and start is None:
+        return Path(c.tokenizer)
+    if start is not None or c.lm is not None:
+        folder = Path(start or c.lm)
+        found = [folder / name for name in ("tokenizer.json", "tokenizer.model") if (folder / name).is_file()]
+        if not found:
+            raise TrainingError(f"no tokenizer.json or tokenizer.model in {folder}; give --tokenizer (the Mamba-2 "
+                                f"checkpoints use GPT-NeoX's tokenizer.json, EleutherAI/gpt-neox-20b)")
+        return found[0]
+    return train_text_tokenizer(c, records, ranks)
+
+
+def tokenizer_files(path):
+    """The tokenizer file and the special-token files that `tokenizer.load_tokenizer` reads beside a tokenizer.json,
+    as {name in a checkpoint: contents}; read once, as the run's first checkpoint may be where they come from."""
+    path = Path(path)
+    files = {f"tokenizer{path.suffix}": path.read_bytes()}
+    if path.suffix == ".json":
+        beside = [path.parent / name for name in ("special_tokens_map.json", "tokenizer_config.json")]
+        files.update({file.name: file.read_bytes() for file in beside if file.is_file()})
+    return files
+
+
+def split_collate(collate, micro_batch_size, examples):
+    """This rank's share of a global batch, collated as micro-batches of micro_batch_size examples."""
+    return [collate(examples[i:i + micro_batch_size]) for i in range(0, len(examples), micro_batch_size)]
+
+
+def _ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def batch_stream(dataset, c, ranks, start_step):
+    """Endless: for each step from start_step, this rank's micro-batches of that step's global batch."""
+    sampler = data.ShardedBatchSampler(len(dataset), c.batch_size, c.seed, ranks.rank, ranks.world_size,
+                                       start=start_step)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=c.num_workers, worker_init_fn=_ignore_sigint,
+        collate_fn=functools.partial(split_collate, dataset.collate, c.micro_batch_size),
+        pin_memory=ranks.device.type == "cuda"))
+
+
+def never_empty(batch, dataset):
+    """The batch, or, when every example in it was skipped, one row of one pad token with a blank image and no
+    label: it adds nothing to the loss, yet every rank still runs every part of the model forward and backward
+    (DDP and FSDP communicate inside those passes)."""
+    if len(batch["ids"]):
+        return batch
+    size = dataset.image_size
+    return dict(batch, input_ids=torch.full((1, 1), dataset.pad_id), labels=torch.full((1, 1), data.IGNORE_INDEX),
+                lengths=torch.ones(1, dtype=torch.long), has_image=torch.ones(1, dtype=torch.bool),
+                pixel_values=torch.zeros(1, 3, size, size))
+
+
+def model_inputs(batch, device):
+    return {k: batch[k].to(device, non_blocking=True)
+            for k in ("input_ids", "labels", "pixel_values", "has_image", "lengths")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Model
+
+
+def scratch_config(c, vocab_size):
+    """A small ML-Mamba with random weights. Every part trains (--stage full): a random vision encoder frozen would
+    give the connector nothing to read. Features after the last block and its norm: a tiny ViT has no layer to spare."""
+    vision = VisionConfig(arch="siglip", image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width,
+                          depth=c.vision_depth, heads=max(1, c.vision_width // 64), mlp_dim=4 * c.vision_width,
+                          feature_layer=None)
+    lm = Mamba2Config(d_model=c.d_model, n_layer=c.n_layer, vocab_size=vocab_size, d_state=c.d_state,
+                      headdim=c.headdim, chunk_size=c.chunk_size)
+    return MLMambaConfig(vision=vision, connector=connector_config(c), lm=lm)
+
+
+def connector_config(c):
+    """The connector's scans sized as the LM's (kind "mlp" has none)."""
+    return ConnectorConfig(kind=c.connector, d_state=c.d_state, headdim=c.headdim, chunk_size=c.chunk_size)
+
+
+def build_model(c, start, vocab_size, ranks):
+    """The model in float32 on this rank's device, from the checkpoint `start`, from --lm and --vision, or from
+    scratch; its parts that do not train in --stage frozen."""
+    torch.manual_seed(c.seed)                          # the same initial weights on every rank
+    try:
+        if start is not None:
+            model = MLMamba.load_pretrained(start, dtype=torch.float32, device=ranks.device)
+        elif c.lm is not None:
+            model = MLMamba.from_pretrained(c.lm, c.vision, connector_config(c),
+                                            dinov2_path=c.dinov2, dtype=torch.float32, device=ranks.device)
+        else:
+            model = MLMamba(scratch_config(c, vocab_size)).to(ranks.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
+    if vocab_size > model.config.lm.vocab_size:
+        raise TrainingError(f"the tokenizer has {vocab_size} tokens, the language model only "
+                            f"{model.config.lm.vocab_size}")
+    for name in ("vision", "connector", "lm"):
+        getattr(model, name).requires_grad_(name in STAGES[c.stage])
+    model.set_gradient_checkpointing(c.grad_checkpointing)
+    return model
+
+
+def describe(model, stage):
+    count = lambda module, trainable=False: sum(p.numel() for p in module.parameters()
+                                                if p.requires_grad or not trainable)
+    parts = ", ".join(f"{name} {count(getattr(model, name)) / 1e6:.2f}M" for name in ("vision", "connector", "lm"))
+    return (f"model: {parts}; {model.num_visual_tokens} visual tokens; stage {stage} trains "
+            f"{' + '.join(STAGES[stage])}: {count(model, True) / 1e6:.2f}M parameters")
+
+
+def distribute(model, c, ranks):
+    """The model as the training step calls it: itself, DDP-wrapped, or FSDP-sharded (in place)."""
+    if ranks.world_size == 1:
+        return model
+    if c.fsdp:
+        for block in model.modules():                  # each block gathers its weights just before it runs
+            if isinstance(block, (Mamba2Block, Block)):
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    # find_unused_parameters: a batch without images (text-only records) leaves the vision side without gradients
+    return DistributedDataParallel(model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def gradient_sync(model, sync):
+    """With gradient accumulation only the last micro-batch's backward needs to reduce gradients across ranks."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def reshard(model):
+    """After forward passes without a backward (evaluation) FSDP keeps the root's parameters gathered; shard them
+    again, so that the model's parameters are the optimizer's when it saves or steps."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Optimisation
+
+
+def make_optimizer(model, c, device):
+    """AdamW; weight decay on matrices and embeddings, none on norms, biases and the SSM's A_log, D, dt_bias."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=c.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
+
+
+def learning_rate(c, step):
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at the last step; step counts from 0."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def seed_step(c, step, rank):
+    """Every generator re-seeded from (seed, step, rank): what a step draws does not depend on where the run began."""
+    seed = int(np.random.SeedSequence([c.seed, step, rank]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)                            # all devices
+
+
+def autocast(c, device):
+    bf16 = c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints
+#
+#   out_dir/ckpt-000500/  model.safetensors, config.json   MLMamba.save_pretrained: what generate.py loads
+#                         tokenizer.model | tokenizer.json  the run's tokenizer
+#                         train_config.json                 this script's config
+#                         trainer_state.pt                  step, optimizer state, loss history
+#   out_dir/latest -> ckpt-000500
+#
+# A checkpoint is written into a hidden temporary directory, flushed to disk, renamed to ckpt-NNNNNN, and only then
+# published by replacing the `latest` symlink with os.replace, which is atomic: a crash (even kill -9) or a full disk
+# at any moment leaves `latest` pointing at a complete checkpoint. The older checkpoint is deleted after that.
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest_checkpoint(out_dir):
+    """The directory `out_dir/latest` points at, or None."""
+    link = Path(out_dir) / "latest"
+    return link.resolve() if link.is_dir() else None
+
+
+def remove_partial_checkpoints(out_dir):
+    """The temporary directories of unfinished saves (ours, and save_pretrained's inside them)."""
+    for partial in Path(out_dir).glob("*tmp-ckpt-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_checkpoint(directory, model, model_state, optimizer_state, c, step, history, tokenizer):
+    """All of a checkpoint's files into `directory` (which must not exist: save_pretrained creates it)."""
+    if model_state is not None:                        # FSDP: the gathered full weights, in an unsharded copy
+        with torch.device("meta"):
+            unsharded = MLMamba(model.config)
+        unsharded.load_state_dict(model_state, assign=True)
+        model = unsharded
+    model.save_pretrained(directory)
+    for name, contents in tokenizer.items():
+        (directory / name).write_bytes(contents)
+    (directory / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+    torch.save(dict(step=step, optimizer=optimizer_state, history=history), directory / "trainer_state.pt")
+
+
+def save_checkpoint(model, optimizer, c, step, history, tokenizer, ranks):
+    """Save and publish the checkpoint of `step` (all ranks call this; the main rank writes). Returns its path.
+    On an OSError (a full disk, say) the partial checkpoint is removed and TrainingError says which one is intact."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    model_state = get_model_state_dict(model, options=options) if c.fsdp and ranks.world_size > 1 else None
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    out_dir = Path(c.out_dir)
+    final = out_dir / f"ckpt-{step:06d}"
+
+    def save():
+        previous = latest_checkpoint(out_dir)
+        if previous == final.resolve():               # already saved (a run resumed and stopped at once)
+            return final
+        remove_partial_checkpoints(out_dir)            # left by a run killed while saving
+        tmp = out_dir / f".tmp-ckpt-{step:06d}-{os.getpid()}"
+        try:
+            write_checkpoint(tmp, raw, model_state, optimizer_state, c, step, history, tokenizer)
+            for file in tmp.iterdir():
+                _fsync(file)
+            _fsync(tmp)
+            shutil.rmtree(final, ignore_errors=True)   # an unpublished one from a crash before the symlink swap
+            os.rename(tmp, final)
+            link = out_dir / f".tmp-latest-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            os.symlink(final.name, link)
+            os.replace(link, out_dir / "latest")       # the commit point
+            _fsync(out_dir)
+        except OSError as e:
+            remove_partial_checkpoints(out_dir)
+            why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+            kept = (f"the previous checkpoint {previous} is intact: free some space and continue from it with --resume"
+                    if previous else "there is no earlier checkpoint")
+            raise TrainingError(f"could not save the checkpoint of step {step} to {final}: {why}; {kept}") from e
+        if previous is not None and previous != final.resolve():
+            shutil.rmtree(previous, ignore_errors=True)
+        return final
+    return on_main(ranks, save)
+
+
+def load_trainer_state(directory):
+    """trainer_state.pt of a checkpoint, read with weights_only=True (plain tensors and containers, no code)."""
+    path = Path(directory) / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"{path} not found: {directory} is not a checkpoint of train.py") from None
+    except Exception as e:                             # unpickling fails in many ways on a damaged file
+        raise TrainingError(f"{path}: unreadable, truncated or corrupt? ({type(e).__name__}: {e})") from None
+    missing = {"step", "optimizer", "history"} - set(state)
+    if missing:
+        raise TrainingError(f"{path}: missing {sorted(missing)}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Evaluation
+
+
+def majority_answers(records):
+    """The most common answer of the training records per question type (records without a "question_type" form
+    one group): the baseline that knows the answer statistics but looks at no image."""
+    by_type = {}
+    for r in records:
+        answer = data.normalize_answer(data.conversation_turns(r)[-1][1])
+        by_type.setdefault(r.get("question_type"), Counter())[answer] += 1
+    return {kind: counts.most_common(1)[0][0] for kind, counts in by_type.items()}
+
+
+def _shard(n, ranks):
+    """This rank's indices into n items, and which of them count: every rank gets the same number (the last ones
+    repeat an item and do not count), so all ranks run the same forward passes, as FSDP needs."""
+    per_rank = math.ceil(n / ranks.world_size)
+    indices = range(ranks.rank * per_rank, (ranks.rank + 1) * per_rank)
+    return [min(i, n - 1) for i in indices], [i < n for i in indices]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, c, baseline, ranks):
+    """Held-out loss (mean over answer tokens) and accuracy: the greedy answer to each record's last question, the
+    earlier turns as history, must equal the reference after VQA normalisation (data.exact_match). Records whose
+    image cannot be read are counted and left out. Returns dict(loss, accuracy, baseline, by_type, n, skipped);
+    by_type {question type: accuracy} when the records carry a "question_type".
+
+    Every rank runs the same rows per batch, even where it has no records left or an image fails (a blank image,
+    not counted): FSDP gathers the weights inside each forward pass, so all ranks must run the same passes."""
+    records, tokenizer = dataset.records, dataset.tokenizer
+    turns = [data.conversation_turns(r) for r in records]
+    longest = max(len(tokenizer.encode(data.answer_text(t[-1][1]))) for t in turns)
+    max_new_tokens = min(c.max_new_tokens, longest + 1)                  # + 1: the eos
+    types = sorted({str(r.get("question_type")) for r in records})
+    counts = {kind: [0, 0, 0] for kind in types}                         # correct, baseline correct, answered
+    loss_sum, n_tokens, skipped = 0.0, 0, 0
+    model.eval()
+    indices, counted = _shard(len(records), ranks)
+    for start in range(0, len(indices), c.eval_batch_size):
+        rows = indices[start:start + c.eval_batch_size]
+        examples = [dataset[i] for i in rows]
+        keep = [k and e["error"] is None for k, e in zip(counted[start:], examples)]
+        skipped += sum(k and e["error"] is not None for k, e in zip(counted[start:], examples))
+        examples = [e if k else _uncounted(e, dataset) for e, k in zip(examples, keep)]
+        batch = dataset.collate(examples)
+        with autocast(c, ranks.device):
+            out = model(**model_inputs(batch, ranks.device))
+        loss_sum, n_tokens = loss_sum + float(out.loss_sum), n_tokens + int(out.n_tokens)
+        prompts = [data.encode_prompt(tokenizer, turns[i][:-1], turns[i][-1][0]) for i in rows]
+        answers = generate_answers(model, batch, prompts, dataset, max_new_tokens, c, ranks.device)
+        for i, answer in (pair for pair, k in zip(zip(rows, answers), keep) if k):
+            kind, reference = str(records[i].get("question_type")), turns[i][-1][1]
+            counts[kind][0] += data.exact_match(answer, reference)
+            counts[kind][1] += data.normalize_answer(reference) == baseline.get(records[i].get("question_type"))
+            counts[kind][2] += 1
+    model.train()
+    reshard(model)
+    totals = all_sum([loss_sum, n_tokens, skipped] + [v for kind in types for v in counts[kind]], ranks)
+    per_type = {kind: totals[3 + 3 * k:6 + 3 * k] for k, kind in enumerate(types)}
+    n = sum(v[2] for v in per_type.values())
+    return dict(loss=totals[0] / max(totals[1], 1), n=int(n), skipped=int(totals[2]),
+                accuracy=sum(v[0] for v in per_type.values()) / max(n, 1),
+                baseline=sum(v[1] for v in per_type.values()) / max(n, 1),
+                by_type={kind: v[0] / max(v[2], 1) for kind, v in per_type.items()} if len(types) > 1 else {})
+
+
+def _uncounted(example, dataset):
+    """An example that runs but counts for nothing: no labels, and a blank image in place of one that failed."""
+    size = dataset.image_size
+    return dict(example, labels=torch.full_like(example["labels"], data.IGNORE_INDEX), error=None,
+                pixel_values=torch.zeros(3, size, size) if example["error"] else example["pixel_values"])
+
+
+def generate_answers(model, batch, prompts, dataset, max_new_tokens, c, device):
+    """Greedy answers (text) to the prompts, with the batch's images. Always max_new_tokens steps, cut at eos
+    afterwards: every rank runs the same number of forward passes."""
+    eos = dataset.tokenizer.eos_id
+    lengths = torch.tensor([len(p) for p in prompts])
+    input_ids = torch.full((len(prompts), int(lengths.max())), dataset.pad_id)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, :len(prompt)] = torch.tensor(prompt)
+    with autocast(c, device):
+        new = model.generate(input_ids.to(device), pixel_values=batch["pixel_values"].to(device),
+                             has_image=batch["has_image"].to(device), lengths=lengths.to(device),
+                             max_new_tokens=max_new_tokens, temperature=0.0)
+    return [dataset.tokenizer.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens) for tokens in new]
+
+
+def report(result, step):
+    line = (f"step {step}: held-out loss {result['loss']:.4f}, accuracy {100 * result['accuracy']:.1f}% "
+            f"(chance {100 * result['baseline']:.1f}%) on {result['n']} records")
+    if result["by_type"]:
+        line += "; " + ", ".join(f"{kind} {100 * acc:.1f}%" for kind, acc in result["by_type"].items())
+    if result["skipped"]:
+        line += f"; {result['skipped']} skipped (unreadable images)"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. The training loop
+
+
+class StopSignal:
+    """SIGINT and SIGTERM ask the loop to stop after the current step, save a checkpoint and exit cleanly. A second
+    Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train_step(model, micro_batches, optimizer, c, ranks, visual_tokens):
+    """One optimizer step over this rank's micro-batches of the global batch. The loss is Σ token losses / (number
+    of supervised tokens in the whole global batch), so gradients do not depend on how the batch is split. Returns
+    (loss, gradient norm, tokens the LM read on all ranks, visual ones included); the weights are not updated when
+    the loss or the gradient norm is not finite."""
+    n_tokens, positions = all_sum(
+        [sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in micro_batches),
+         sum(int(b["lengths"].sum()) + visual_tokens * int(b["has_image"].sum()) for b in micro_batches)], ranks)
+    # DDP and FSDP average gradients over the ranks; the world_size factor turns that average into the sum
+    scale = ranks.world_size / max(n_tokens, 1)
+    loss_sum = torch.zeros((), device=ranks.device)
+    for i, batch in enumerate(micro_batches):
+        with gradient_sync(model, sync=i == len(micro_batches) - 1):
+            with autocast(c, ranks.device):
+                out = model(**model_inputs(batch, ranks.device))
+            (out.loss_sum * scale).backward()
+        loss_sum += out.loss_sum.detach().float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
+    loss = all_sum([float(loss_sum)], ranks)[0] / max(n_tokens, 1)
+    if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(grad_norm), positions
+
+
+def run(c, ranks, preset):
+    out_dir = Path(c.out_dir)
+    previous = latest_checkpoint(out_dir)
+    if previous is not None and not c.resume:
+        raise TrainingError(f"{out_dir} already holds a run (latest: {previous.name}); continue it with --resume, or "
+                            f"give another --out_dir")
+    settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(c).items())
+    print0(ranks, f"train.py, preset {preset}, {ranks.world_size} process(es) on {ranks.device.type}:\n" +
+           textwrap.fill(settings, 120, initial_indent="  ", subsequent_indent="  "))
+
+    train_records, eval_records, images = load_data(c, ranks)
+    start = previous if c.resume else c.init           # the checkpoint whose weights (and tokenizer) we start from
+    tokenizer_file = tokenizer_path(c, start, train_records, ranks)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
+    model = build_model(c, start, tokenizer.vocab_size, ranks)
+    dataset = data.ConversationDataset(train_records, tokenizer, model.image_size, images, c.max_len,
+                                       fill=model.vision.image_mean, strict_images=c.strict_images)
+    held_out = data.ConversationDataset(eval_records, tokenizer, model.image_size, images, c.max_len,
+                                        fill=model.vision.image_mean)
+    baseline = majority_answers(train_records)
+    print0(ranks, f"data: {len(train_records)} training records, {len(eval_records)} held out")
+    print0(ranks, describe(model, c.stage))
+    share = c.batch_size // ranks.world_size
+    micro_batch_size = min(c.micro_batch_size, share)
+    if c.batch_size % ranks.world_size or share % micro_batch_size:
+        raise TrainingError(f"--batch_size {c.batch_size} does not split evenly into {ranks.world_size} ranks' "
+                            f"micro-batches of --micro_batch_size {c.micro_batch_size}")
+    if len(dataset) < c.batch_size:
+        raise TrainingError(f"--batch_size {c.batch_size} is more than the {len(dataset)} training records")
+
+    wrapped = distribute(model, c, ranks)
+    optimizer = make_optimizer(wrapped, c, ranks.device)
+    step, history = 0, dict(train=[], eval=[])
+    if c.resume:
+        state = load_trainer_state(previous)
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        step, history = state["step"], state["history"]
+        print0(ranks, f"resumed from {previous} at step {step}")
+    checkpoint = dict(model=wrapped, optimizer=optimizer, c=c, history=history,
+                      tokenizer=tokenizer_files(tokenizer_file), ranks=ranks)
+
+    batches = batch_stream(dataset, dataclasses.replace(c, micro_batch_size=micro_batch_size), ranks, step)
+    skipped, result = [], None
+    progress = tqdm(total=c.steps, initial=step, desc="train", disable=not ranks.main, dynamic_ncols=True)
+    stop = StopSignal()
+    try:
+        print0(ranks, f"training steps {step + 1} to {c.steps}: {c.batch_size} samples per step = "
+                      f"{ranks.world_size} rank(s) x {share // micro_batch_size} micro-batch(es) of {micro_batch_size}")
+        while step < c.steps:
+            tic = time.perf_counter()
+            seed_step(c, step, ranks.rank)
+            try:
+                micro_batches = [never_empty(b, dataset) for b in next(batches)]
+            except ValueError as e:                    # --strict_images, and an image failed to load
+                raise TrainingError(str(e)) from None
+            skipped += [s for b in micro_batches for s in b["skipped"]]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(c, step)
+            loss, grad_norm, tokens = train_step(wrapped, micro_batches, optimizer, c, ranks, model.num_visual_tokens)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); stopped without updating the "
+                    f"weights. The last good checkpoint is {last if last else 'none (none was saved yet)'}; continue "
+                    f"from it with a lower learning rate (--resume --lr ...) or in float32 (--precision fp32)")
+            step += 1
+            history["train"].append([step, loss])
+            progress.update()
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                 tok_s=f"{tokens / (time.perf_counter() - tic):,.0f}")
+            if step % c.eval_every == 0 or step == c.steps:
+                result = evaluate(model, held_out, c, baseline, ranks)
+                history["eval"].append([step, result["loss"], result["accuracy"]])
+                print0(ranks, report(result, step))
+            received = all_sum([stop.received is not None], ranks)[0]
+            if received or step % c.save_every == 0 or step == c.steps:
+                path = save_checkpoint(step=step, **checkpoint)
+            if received:
+                print0(ranks, f"stopped by {stop.received or 'a signal on another rank'} at step {step}; checkpoint "
+                              f"{path}; continue with: python train.py --out_dir {out_dir} --resume")
+                break
+    finally:
+        progress.close()
+        stop.restore()
+    if result is None and step == c.steps:             # resumed after the last step: evaluate all the same
+        result = evaluate(model, held_out, c, baseline, ranks)
+        print0(ranks, report(result, step))
+    if ranks.main:
+        print0(ranks, data.skip_summary(skipped))
+        plot = plot_losses(history, out_dir / "loss.png", c.steps)
+        print0(ranks, f"loss curve: {plot}")
+    if result is not None and step == c.steps:
+        example = eval_records[0]
+        image = f" --image {Path(images) / example['image']}" if isinstance(example.get("image"), str) else ""
+        print0(ranks, f"held-out accuracy: {100 * result['accuracy']:.1f}% (chance {100 * result['baseline']:.1f}%: "
+                      f"the commonest training answer per question type); checkpoint: {out_dir / 'latest'}; try it: "
+                      f"python generate.py --ckpt {out_dir / 'latest'}{image} "
+                      f"--prompt {shlex.quote(data.conversation_turns(example)[0][0])}")
+    return dict(step=step, history=history, result=result, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. The loss curve, drawn with pillow
+
+
+def plot_losses(history, path, steps, size=(900, 500)):
+    """Training loss (each step, and a moving average) and held-out loss against the step, on a log scale, as a PNG
+    written atomically."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 40, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    train = [(s, v) for s, v in history["train"] if math.isfinite(v) and v > 0]
+    held_out = [(s, v) for s, v, _ in history["eval"] if math.isfinite(v) and v > 0]
+    values = [v for _, v in train + held_out] or [1.0]
+    low, high = math.log10(min(values)), math.log10(max(values))
+    low, high = (low - 0.05, high + 0.05) if high - low > 0.1 else (low - 0.5, high + 0.5)
+    x_of = lambda s: left + (width - left - right) * s / max(steps, 1)
+    y_of = lambda v: top + (height - top - bottom) * (high - math.log10(v)) / (high - low)
+    for k in range(6):                                                      # grid, ticks and labels
+        s, v = steps * k / 5, 10 ** (low + (high - low) * k / 5)
+        draw.line([(x_of(s), top), (x_of(s), height - bottom)], fill=(230, 230, 230))
+        draw.line([(left, y_of(v)), (width - right, y_of(v))], fill=(230, 230, 230))
+        draw.text((x_of(s), height - bottom + 6), f"{s:.0f}", fill="black", font=font, anchor="ma")
+        draw.text((left - 6, y_of(v)), f"{v:.3g}", fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    if len(train) > 1:
+        draw.line([(x_of(s), y_of(v)) for s, v in train], fill=(170, 190, 235))
+        window = max(1, len(train) // 50)
+        average = [(train[i][0], sum(v for _, v in train[max(0, i - window + 1):i + 1]) / min(window, i + 1))
+                   for i in range(len(train))]
+        draw.line([(x_of(s), y_of(v)) for s, v in average], fill=(30, 70, 200), width=2)
+    for s, v in held_out:
+        x, y = x_of(s), y_of(v)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(220, 60, 30))
+    title = "training loss (light blue: each step, dark: moving average), held-out loss (red); log scale"
+    if history["eval"]:
+        title += f"; held-out accuracy {100 * history['eval'][-1][2]:.1f}% at step {history['eval'][-1][0]}"
+    draw.text((left, top / 2), title, fill="black", font=font, anchor="lm")
+    draw.text(((left + width - right) / 2, height - 12), "step", fill="black", font=font, anchor="mm")
+    tmp = path.with_name(f".tmp-{path.name}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    """Train; returns dict(step, history, result, skipped). TrainingError for problems the user can fix."""
+    config, preset = parse_args(argv)
+    ranks = setup_processes()
+    try:
+        return run(config, ranks, preset)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainingError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
+
