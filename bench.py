@@ -286,6 +286,73 @@ def bench_vision(args, bw):
     return rows
 
 
+@torch.no_grad()
+def bench_generate(args, bw):
+    """Issue 7's targets: batch-1 decode at the Mamba-2 2.7B shape through generate.py's CUDA-graph decoder (floor:
+    the LM's parameter bytes / copy bandwidth per token), and the time to first token of an image (so400m-shaped
+    encoder, 729 visual tokens) + a 32-token prompt through MLMamba.generate."""
+    from generate import CUDAGraphDecoder
+    from mlmamba import ConnectorConfig, MLMamba, MLMambaConfig
+    from vision import VisionConfig
+    config = lm_config(args.quick)
+    vision = VisionConfig(image_size=384, patch_size=14, width=1152, depth=2 if args.quick else 27, heads=16,
+                          mlp_dim=4304)
+    with torch.device("cuda"):
+        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(kind="cross"), lm=config))
+    model = model.to(torch.bfloat16).eval()
+    lm, vocab = model.lm, config.vocab_size
+    floor = sum(p.numel() * p.element_size() for p in lm.parameters()) / bw * 1e3
+    ids = torch.randint(0, vocab, (1, 32), device="cuda")
+
+    def decode_ms(decoder, n):
+        cache = decoder.allocate_cache(1)
+        token = lm(ids, cache=cache)[:, -1, :vocab].argmax(-1)
+
+        def steps():
+            nonlocal token
+            for _ in range(n):
+                token = decoder.step(token, cache)[:, :vocab].argmax(-1)
+        return wall_ms(steps, 1) / n
+
+    eager, graph = decode_ms(lm, 32), decode_ms(CUDAGraphDecoder(lm), 256)
+    rows = [Row("generate", "2.7B shape decode, eager, ms/token", eager, f"{1e3 / eager:,.1f} tokens/s"),
+            Row("generate", "2.7B shape decode, CUDA graph, ms/token", graph,
+                f"{1e3 / graph:,.1f} tokens/s; floor {floor:.3f} ms ({floor / graph:.0%})")]
+    pixels = torch.rand(1, 3, 384, 384, device="cuda")
+    decoder = CUDAGraphDecoder(lm)
+    ttft = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1, decoder=decoder), 5)
+    rows.append(Row("generate", "time to first token, image + 32-token prompt, ms", ttft,
+                    f"{model.num_visual_tokens + 32} prompt positions"))
+    return rows
+
+
+def bench_train_step(args, bw):
+    """One optimizer step of the full model at a small real size: the 130M LM shape (d_model 768, 24 layers), a
+    SigLIP-base-shaped encoder (224 px, patch 16: 196 visual tokens), the cross connector; batch 8, 128 text
+    tokens, bf16 autocast, everything trained. Random weights."""
+    from mlmamba import ConnectorConfig, Mamba2Config, MLMamba, MLMambaConfig
+    from vision import VisionConfig
+    lm = Mamba2Config(d_model=768, n_layer=2 if args.quick else 24, vocab_size=50277, pad_vocab_size_multiple=16)
+    vision = VisionConfig(image_size=224, patch_size=16, width=768, depth=2 if args.quick else 12, heads=12,
+                          mlp_dim=3072)
+    with torch.device("cuda"):
+        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(kind="cross"), lm=lm))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, lm.vocab_size, (8, 128), device="cuda")
+    pixels = torch.rand(8, 3, 224, 224, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, pixel_values=pixels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ms = wall_ms(step, 10)
+    tokens = 8 * (model.num_visual_tokens + 128)
+    return [Row("train", "130M LM + SigLIP-base + cross connector, batch 8 step, ms", ms,
+                f"{tokens / ms * 1e3:,.0f} tokens/s")]
+
+
 def profile_ssd(args, bw):
     """Per-kernel CUDA times of one ssd_scan forward + backward at the 2.7B layer shape (torch.profiler)."""
     inp = ssd_inputs(4, 2048, 80, 64, 128)
@@ -319,12 +386,12 @@ def profile_ssd(args, bw):
 
 
 SECTIONS = {"ssd": bench_ssd, "scan2d": bench_scan2d, "lm": bench_lm, "vision": bench_vision,
-            "profile_ssd": profile_ssd}
+            "generate": bench_generate, "train": bench_train_step, "profile_ssd": profile_ssd}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ssd,scan2d,vision,lm", help="comma-separated sections: " + ", ".join(SECTIONS))
+    ap.add_argument("--only", default="ssd,scan2d,vision,lm,generate,train", help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small shapes: a smoke test, not a measurement")
     ap.add_argument("--json", default="bench.json", help="where to write the rows")
     ap.add_argument("--peers", default=".peers", help="folder with peers' source trees (mamba_ssm/) to measure against")

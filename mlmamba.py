@@ -598,9 +598,10 @@ class ConnectorConfig:
 
 
 def _scan_functions(x):
-    """(cross_scan, cross_merge, ssd) for x's device: the Triton kernels on a GPU, their PyTorch definitions on a CPU,
-    where Triton runs only interpreted (slowly). Tests swap this function to run the kernels on a CPU."""
-    if x.is_cuda:
+    """(cross_scan, cross_merge, ssd) for x: the Triton kernels on a GPU, their PyTorch definitions on a CPU, where
+    Triton runs only interpreted (slowly), and for float64, which the kernels do not take (a precise check on a GPU).
+    Tests swap this function to run the kernels on a CPU."""
+    if x.is_cuda and x.dtype != torch.float64:
         return cross_scan, cross_merge, ssd_scan
     return cross_scan_reference, cross_merge_reference, ssd_reference
 

@@ -134,7 +134,8 @@ class TrainConfig:
 
 PRESETS = {
     # one H100: the defaults above; 64 px images, an 8 x 8 patch grid, a 4-block LM (an estimate: see README)
-    "gpu": dict(shapes_train=50_000, steps=6000, eval_every=1000, save_every=2000, num_workers=6),
+    "gpu": dict(shapes_train=50_000, steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=2500,
+                save_every=2500, num_workers=6),
     # 2 CPU cores, a few minutes: 32 px images, one patch per quadrant, the MLP connector (a 2 x 2 grid has little to
     # scan, and the MLP learns faster in the few steps a CPU has), 2-block towers; clearly above chance, not 90%
     "cpu": dict(shapes_train=8000, shapes_test=500, shapes_image_size=32, image_size=32, patch_size=16, connector="mlp",
@@ -887,11 +888,15 @@ def plot_losses(history, path, steps, size=(900, 500)):
     low, high = (low - 0.05, high + 0.05) if high - low > 0.1 else (low - 0.5, high + 0.5)
     x_of = lambda s: left + (width - left - right) * s / max(steps, 1)
     y_of = lambda v: top + (height - top - bottom) * (high - math.log10(v)) / (high - low)
+    decades = range(math.ceil(low), math.floor(high) + 1)                  # y ticks at powers of ten where there
+    y_ticks = [10.0 ** e for e in decades] if len(decades) >= 2 else [10 ** (low + (high - low) * k / 5)
+                                                                       for k in range(6)]
     for k in range(6):                                                      # grid, ticks and labels
-        s, v = steps * k / 5, 10 ** (low + (high - low) * k / 5)
+        s = steps * k / 5
         draw.line([(x_of(s), top), (x_of(s), height - bottom)], fill=(230, 230, 230))
-        draw.line([(left, y_of(v)), (width - right, y_of(v))], fill=(230, 230, 230))
         draw.text((x_of(s), height - bottom + 6), f"{s:.0f}", fill="black", font=font, anchor="ma")
+    for v in y_ticks:
+        draw.line([(left, y_of(v)), (width - right, y_of(v))], fill=(230, 230, 230))
         draw.text((left - 6, y_of(v)), f"{v:.3g}", fill="black", font=font, anchor="rm")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     if len(train) > 1:
