@@ -462,6 +462,15 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(ddelta_ptr + a_off + offs_m, tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
 
 
+@triton.jit
+def _head_slice(pid_gs, heads_per_group, heads_per_program):
+    """(group g, slice j, first head, last head + 1) of a program that walks a slice of one group's heads."""
+    slices = tl.cdiv(heads_per_group, heads_per_program)
+    g, j = pid_gs // slices, pid_gs % slices
+    h_first = g * heads_per_group + j * heads_per_program
+    return g, j, h_first, tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+
+
 @_tuned
 @triton.jit
 def _chunk_scan_bwd_db_kernel(
@@ -485,10 +494,7 @@ def _chunk_scan_bwd_db_kernel(
     pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
-    slices = tl.cdiv(heads_per_group, heads_per_program)
-    g, j = pid_gs // slices, pid_gs % slices
-    h_first = g * heads_per_group + j * heads_per_program
-    h_last = tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+    g, j, h_first, h_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
@@ -562,10 +568,7 @@ def _chunk_scan_bwd_dc_kernel(
     pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
-    slices = tl.cdiv(heads_per_group, heads_per_program)
-    g, j = pid_gs // slices, pid_gs % slices
-    h_first = g * heads_per_group + j * heads_per_program
-    h_last = tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+    g, j, h_first, h_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
