@@ -534,16 +534,18 @@ def _untie(state, source):
 
 
 def _check_state_dict(model, state, what):
-    """Raises ValueError("what: ...") listing every tensor of `state` that `model` misses, does not have, or has in
-    another shape."""
+    """Raises ValueError("what: ...") listing every tensor of `state` that `model` misses, does not have, has in
+    another shape, or holds as integers or booleans (any floating dtype is converted on loading)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(state))
+    common = sorted(set(expected) & set(state))
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in common
                  if tuple(state[k].shape) != expected[k]]
+    not_float = [f"{k} {state[k].dtype}" for k in common if not state[k].is_floating_point()]
     problems = [f"{kind} ({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
-                for kind, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                if names]
+                for kind, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
+                                    ("wrong dtype, not floating point", not_float)) if names]
     if problems:
         raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
 

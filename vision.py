@@ -385,9 +385,10 @@ def _hf_names(config):
 
 
 def _convert(model, tensors, source):
-    """Our state dict from the checkpoint's tensors; ValueError listing every missing, unexpected, mis-shaped one."""
+    """Our state dict from the checkpoint's tensors; ValueError listing every missing, unexpected, mis-shaped or
+    non-floating-point one (any floating dtype is converted on loading)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, used, missing, wrong = {}, set(), [], []
+    state, used, missing, wrong, not_float = {}, set(), [], [], []
     for ours, (theirs, make) in _hf_names(model.config).items():
         used.update(theirs)
         absent = [name for name in theirs if name not in tensors]
@@ -402,14 +403,17 @@ def _convert(model, tensors, source):
         if tensor is None or tuple(tensor.shape) != expected[ours]:
             shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(theirs, parts))
             wrong.append(f"{shapes} for {ours} {expected[ours]}")
+        elif not all(t.is_floating_point() for t in parts):
+            not_float += [f"{name} {t.dtype}" for name, t in zip(theirs, parts) if not t.is_floating_point()]
         else:
             state[ours] = tensor
     unexpected = sorted(set(tensors) - used)
-    if missing or unexpected or wrong:
+    if missing or unexpected or wrong or not_float:
         c = model.config
         listing = lambda names: ", ".join(names[:20]) + (f" ... and {len(names) - 20} more" if len(names) > 20 else "")
         problems = [f"  {what} ({len(names)}): {listing(names)}" for what, names in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                     ("wrong dtype, not floating point", not_float)) if names]
         raise ValueError(f"vision: {source} does not match its config.json ({c.arch}, width {c.width}, depth "
                          f"{c.depth}, heads {c.heads}, mlp {c.mlp_dim}, patch {c.patch_size}, position grid "
                          f"{c.pos_grid}x{c.pos_grid}):\n" + "\n".join(problems))

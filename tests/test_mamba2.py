@@ -353,9 +353,11 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, model):
     del state["backbone.layers.1.mixer.D"]
     state["backbone.layers.0.mixer.extra"] = torch.zeros(3)
     state["backbone.layers.0.mixer.dt_bias"] = torch.zeros(5)
+    state["backbone.layers.1.norm.weight"] = state["backbone.layers.1.norm.weight"].int()
     with pytest.raises(ValueError) as err:
         load_mamba2(write(tmp_path, state))
     message = str(err.value)
+    assert "wrong dtype, not floating point (1): layers.1.norm.weight torch.int32" in message
     assert "pytorch_model.bin" in message
     assert "missing (1): layers.1.mixer.D" in message
     assert "unexpected (1): layers.0.mixer.extra" in message

@@ -225,6 +225,7 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     del state["connector.vss.x_proj"]
     state["connector.extra"] = torch.zeros(2)
     state["lm.layers.0.mixer.D"] = torch.zeros(3)
+    state["lm.norm_f.weight"] = state["lm.norm_f.weight"].to(torch.int64)
     save_file(state, weights)
     with pytest.raises(ValueError) as err:
         MLMamba.load_pretrained(tmp_path)
@@ -233,6 +234,7 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     assert "missing (1): connector.vss.x_proj" in message
     assert "unexpected (1): connector.extra" in message
     assert "wrong shape (1): lm.layers.0.mixer.D (3,) (expected (8,))" in message
+    assert "wrong dtype, not floating point (1): lm.norm_f.weight torch.int64" in message
 
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):

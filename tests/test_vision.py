@@ -150,13 +150,16 @@ def test_loader_lists_missing_unexpected_and_misshaped_tensors(hf_towers, tmp_pa
     del tensors[fc2_bias]
     tensors[prefix + "encoder.layers.9.extra.weight"] = torch.zeros(3)
     tensors[fc1_weight] = torch.zeros(99, 48)
+    post_norm = "post_layernorm.weight" if kind == "siglip_full" else "layernorm.weight"
+    tensors[prefix + post_norm] = tensors[prefix + post_norm].to(torch.int32)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError) as error:
         load_vision(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "model.safetensors") in message
     for expected in ("missing (1)", layer + "mlp.fc2.bias", "unexpected (1)", "encoder.layers.9.extra.weight",
-                     "wrong shape (1)", f"{layer}mlp.fc1.weight (99, 48) for blocks.1.mlp.fc1.weight"):
+                     "wrong shape (1)", f"{layer}mlp.fc1.weight (99, 48) for blocks.1.mlp.fc1.weight",
+                     f"wrong dtype, not floating point (1): {post_norm} torch.int32"):
         assert expected in message, (expected, message)
 
 
