@@ -236,6 +236,23 @@ def encode_prompt(tokenizer, history, question):
     return prefix + [i for q, a in encoded for i in q + a] + tokenizer.encode(question_text(question))
 
 
+def pad_prompts(prompts, pad_id):
+    """Prompts (lists of ids) of different lengths -> input_ids (batch, longest) right-padded with pad_id, and the
+    lengths (batch,): what MLMamba.generate takes."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    input_ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    return input_ids, lengths
+
+
+def decode_answer(tokenizer, tokens):
+    """The text of generated tokens, up to the eos that ends the answer."""
+    if tokenizer.eos_id in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eos_id)]
+    return tokenizer.decode(tokens).strip()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Dataset and batches
 

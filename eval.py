@@ -35,8 +35,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from generate import (DEFAULT_CKPT, CUDAGraphDecoder, GenerateError, advice_on_out_of_memory, decode_answer,
-                      encode_question, load_checkpoint, loading_advice, make_batch, one_line, option, parse_config,
+from flags import option, parse_config
+from generate import (DEFAULT_CKPT, CUDAGraphDecoder, GenerateError, advice_on_out_of_memory,
+                      encode_question, load_checkpoint, loading_advice, make_batch, one_line,
                       read_image, resolve_device)
 
 TASKS = ("vqa", "pope", "mc")
@@ -246,7 +247,7 @@ def predict(model, tokenizer, items, image_folder, c, decoder=None):
         prompts = [encode_question(tokenizer, item.question, item.history) for item in chunk]
         tokens = model.generate(**make_batch(model, tokenizer, images, prompts), max_new_tokens=c.max_new_tokens,
                                 eos_id=tokenizer.eos_id, decoder=decoder)
-        predictions += [decode_answer(tokenizer, t) for t in tokens]
+        predictions += [data.decode_answer(tokenizer, t) for t in tokens]
     return predictions
 
 

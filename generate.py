@@ -21,22 +21,20 @@ Decoding keeps only the recurrent state (SSD §3: a (nheads, headdim, dstate) st
 layer), so memory does not grow with the answer, and a prompt longer than any seen in training costs only prefill time.
 Each row's prompt is prefilled alone, then the rows step together (`MLMamba.generate`).
 """
-import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
 import time
-import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 import data
+from flags import option, parse_config
 from mlmamba import Mamba2Cache, MLMamba
 from tokenizer import load_tokenizer
 from vision import load_image, preprocess
@@ -59,12 +57,6 @@ def one_line(error):
 # 1. Config
 
 
-def option(default, help):
-    if isinstance(default, list):
-        return field(default_factory=list, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GenerateConfig:
     ckpt: str = option(DEFAULT_CKPT, "a checkpoint directory of train.py, or its out_dir (then its 'latest')")
@@ -79,28 +71,6 @@ class GenerateConfig:
     device: str = option("auto", "'cuda', 'cpu', ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "weights: 'bf16' or 'fp32'; auto: bf16 on a GPU, fp32 on a CPU")
     cuda_graph: bool = option(True, "on a GPU, replay the per-token step from a CUDA graph")
-
-
-def _flag_type(annotation):
-    """int | None -> int; list[str] -> str: the type a flag's text is parsed as."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
-def parse_config(cls, argv, description):
-    """A config dataclass from the command line, one flag per field: bools as --x / --no-x, lists by repeating."""
-    parser = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        kind = _flag_type(f.type)
-        if kind is bool:
-            extra = dict(action=argparse.BooleanOptionalAction)
-        elif typing.get_origin(f.type) is list:
-            extra = dict(action="append", type=kind)
-        else:
-            extra = dict(type=kind)
-        default = "" if f.default in (None, dataclasses.MISSING) else f" (default: {f.default})"
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"] + default, **extra)
-    return cls(**vars(parser.parse_args(argv)))
 
 
 def check_config(c):
@@ -234,11 +204,7 @@ def make_batch(model, tokenizer, images, prompts):
     their lengths; images (PIL or None per row) letterboxed as in training into the pixel_values of the rows that
     have one."""
     device = model.lm.embedding.weight.device
-    pad = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
-    lengths = torch.tensor([len(p) for p in prompts])
-    input_ids = torch.full((len(prompts), int(lengths.max())), pad)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, :len(prompt)] = torch.tensor(prompt)
+    input_ids, lengths = data.pad_prompts(prompts, tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id)
     pixels = [preprocess(image, model.image_size, fill=model.vision.image_mean) for image in images if image is not None]
     return dict(input_ids=input_ids.to(device), lengths=lengths.to(device),
                 has_image=torch.tensor([image is not None for image in images], device=device),
@@ -249,13 +215,6 @@ def encode_question(tokenizer, question, history=()):
     """The training template's prompt ids (data.encode_prompt); an <image> marker in the text is dropped as in
     training: the visual tokens always go before the text."""
     return data.encode_prompt(tokenizer, list(history), data.strip_image_marker(question))
-
-
-def decode_answer(tokenizer, tokens):
-    """The text of generated tokens, up to the eos that ends them."""
-    if tokenizer.eos_id in tokens:
-        tokens = tokens[:tokens.index(tokenizer.eos_id)]
-    return tokenizer.decode(tokens).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -333,7 +292,7 @@ class TextStream:
     Tokens are not decoded one at a time: a character split over byte tokens decodes to "\ufffd" until its last byte
     arrives, and a tokenizer may spell a piece differently next to its neighbours. So the whole answer is decoded
     each time and what is new returned, holding it back while it ends in a partial character. Surrounding whitespace
-    is not shown (the answer's leading space belongs to the template), so the pieces add up to `decode_answer`."""
+    is not shown (the answer's leading space belongs to the template), so the pieces add up to `data.decode_answer`."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
@@ -411,7 +370,7 @@ def run(c, out=sys.stdout, log=sys.stderr):
         start = time.perf_counter()
         tokens = model.generate(**batch, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                                 top_p=c.top_p, seed=c.seed, eos_id=tokenizer.eos_id, callback=on_step, decoder=decoder)
-    answers = [decode_answer(tokenizer, t) for t in tokens]
+    answers = [data.decode_answer(tokenizer, t) for t in tokens]
     if stream is not None:
         print(stream.finish(), file=out, flush=True)
     else:

@@ -40,9 +40,8 @@ import signal
 import sys
 import textwrap
 import time
-import typing
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+from flags import add_flags, option
 from mlmamba import ConnectorConfig, Mamba2Block, Mamba2Config, MLMamba, MLMambaConfig
 from tokenizer import load_tokenizer
 from vision import Block, VisionConfig
@@ -68,10 +68,6 @@ class TrainingError(Exception):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Config
-
-
-def option(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -146,25 +142,14 @@ PRESETS = {
 STAGES = {"full": ("vision", "connector", "lm"), "1": ("connector",), "2": ("connector", "lm")}
 
 
-def _flag_type(annotation):
-    """str | None -> str: the type a flag's text is parsed as."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
 def parse_args(argv=None):
     """TrainConfig from the command line: preset defaults, then (with --resume) the run's saved config, then the
     flags given. Returns (config, preset name)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_preset = "gpu" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
                         help="defaults for the sizes and schedule; explicit flags override them")
-    for f in dataclasses.fields(TrainConfig):
-        kind = _flag_type(f.type)
-        extra = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"], **extra)
-    args = vars(parser.parse_args(argv))
+    args = vars(add_flags(parser, TrainConfig).parse_args(argv))
     preset = args.pop("preset")
     values = {**PRESETS[preset], **args}
     if args.get("resume"):
@@ -693,16 +678,12 @@ def _uncounted(example, dataset):
 def generate_answers(model, batch, prompts, dataset, max_new_tokens, c, device):
     """Greedy answers (text) to the prompts, with the batch's images. Always max_new_tokens steps, cut at eos
     afterwards: every rank runs the same number of forward passes."""
-    eos = dataset.tokenizer.eos_id
-    lengths = torch.tensor([len(p) for p in prompts])
-    input_ids = torch.full((len(prompts), int(lengths.max())), dataset.pad_id)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, :len(prompt)] = torch.tensor(prompt)
+    input_ids, lengths = data.pad_prompts(prompts, dataset.pad_id)
     with autocast(c, device):
         new = model.generate(input_ids.to(device), pixel_values=batch["pixel_values"].to(device),
                              has_image=batch["has_image"].to(device), lengths=lengths.to(device),
                              max_new_tokens=max_new_tokens, temperature=0.0)
-    return [dataset.tokenizer.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens) for tokens in new]
+    return [data.decode_answer(dataset.tokenizer, tokens) for tokens in new]
 
 
 def report(result, step):
