@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import gc
 import json
 import math
 import os
@@ -905,7 +906,13 @@ def main(argv=None):
     config, preset = parse_args(argv)
     ranks = setup_processes()
     try:
-        return run(config, ranks, preset)
+        result = run(config, ranks, preset)
+        if dist.is_initialized():
+            # Both ranks done talking before either shuts its side down, and the DDP/FSDP wrappers (reference
+            # cycles that keep the group alive) freed now: a gloo group torn down at interpreter exit can abort.
+            dist.barrier()
+            gc.collect()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
