@@ -232,9 +232,10 @@ class CapturedStep:
 class CUDAGraphDecoder:
     """`Mamba2LM.step` captured in a CUDA graph, once per batch size, and replayed for every token.
 
-    An eager step launches a few dozen small kernels per layer from Python, and at batch 1 the GPU mostly waits for
-    the launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape, 3% of the memory floor). A graph records the launches
-    once; a replay issues all of them in one call. `step` qualifies: fixed shapes, a cache updated in place, no host
+    At batch 1 a token is two matrix-vector products and four small kernels per layer (mixer_kernel.py, ssd_step),
+    and from Python the GPU mostly waits for the launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the
+    earlier ~31 kernels per layer, 3% of the memory floor). A graph records the launches once; a replay issues all of
+    them in one call. `step` qualifies: fixed shapes, a cache updated in place, no host
     synchronisation and no data-dependent Python branches. The graph's buffers stay put: the input ids are copied in,
     the logits read out, and sampling stays outside the graph.
 

@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
+from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
+                          rms_norm_reference)
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import Block, FusedVisionEncoder, VisionConfig, VisionEncoder, load_vision
 
@@ -191,23 +193,15 @@ def _refuse(path, settings):
 # 2. The Mamba-2 mixer (SSD paper §7.1, Figure 6), as mamba_ssm's `Mamba2` module
 
 
-def causal_conv1d(xBC, weight, bias=None, conv_state=None):
-    """Causal depthwise convolution, then SiLU: out_t = SiLU(bias + Σ_k weight[:, 0, k] ⊙ in_{t-d_conv+1+k}).
+def _use_kernels(t):
+    """The Triton kernels on a GPU; elsewhere, and for float64 (which they do not take), the PyTorch references: under
+    the interpreter the kernels would be correct but slow."""
+    return t.is_cuda and t.dtype != torch.float64
 
-    xBC (batch, seqlen, channels); weight (channels, 1, d_conv) as nn.Conv1d stores it. Returns (batch, seqlen,
-    channels), a transposed view. The inputs before the sequence are zeros or, with conv_state (batch, channels,
-    d_conv), the last d_conv inputs seen so far; conv_state then gets the new last d_conv, in place."""
-    batch, seqlen, channels = xBC.shape
-    d_conv = weight.shape[-1]
-    if conv_state is None:
-        past = xBC.new_zeros(batch, channels, d_conv - 1)
-    else:
-        past = conv_state[..., 1:].to(xBC.dtype)
-    window = torch.cat([past, rearrange(xBC, "b l c -> b c l")], dim=-1)    # (batch, channels, d_conv - 1 + seqlen)
-    if conv_state is not None:
-        conv_state.copy_(window[..., -d_conv:])
-    out = F.conv1d(window, weight, bias, groups=channels)                   # (batch, channels, seqlen)
-    return rearrange(F.silu(out), "b c l -> b l c")
+
+def _inference_kernels(t):
+    """The forward-only kernels of mixer_kernel.py: on a GPU when autograd is off (generation, evaluation)."""
+    return _use_kernels(t) and not torch.is_grad_enabled()
 
 
 class RMSNorm(nn.Module):
@@ -218,10 +212,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(self.weight.dtype)
+    def forward(self, x, residual=None):
+        """RMSNorm(x); with a residual, (RMSNorm(s), s) for s = x + residual in residual's dtype (the add fused)."""
+        norm = rms_norm if _inference_kernels(x) else rms_norm_reference
+        return norm(x, self.weight, self.eps, residual)
 
 
 class GatedRMSNorm(nn.Module):
@@ -235,10 +229,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        h = y.float() * F.silu(z.float())
-        h = rearrange(h, "... (g d) -> ... g d", d=self.group_size)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (rearrange(h, "... g d -> ... (g d)") * self.weight.float()).to(y.dtype)
+        norm = gated_rms_norm if _inference_kernels(y) else gated_rms_norm_reference
+        return norm(y, z, self.weight, self.group_size, self.eps)
 
 
 def init_dt_bias(*shape):
@@ -276,7 +268,9 @@ class Mamba2Mixer(nn.Module):
         """u (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
         With conv_state and ssm_state (one layer's part of a `Mamba2Cache`) the sequence continues the one they hold,
-        and they are updated in place; one token then takes the recurrent step instead of the chunked scan."""
+        and they are updated in place; one token then takes the recurrent `step` instead of the chunked scan."""
+        if ssm_state is not None and u.shape[1] == 1:
+            return self.step(u[:, 0], conv_state, ssm_state)[:, None]
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
         xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)   # (batch, seqlen, conv_dim)
@@ -285,18 +279,32 @@ class Mamba2Mixer(nn.Module):
         B = rearrange(B, "b l (g n) -> b l g n", g=c.ngroups)                       # (batch, seqlen, ngroups, dstate)
         C = rearrange(C, "b l (g n) -> b l g n", g=c.ngroups)
         A = -torch.exp(self.A_log.float())                                          # (nheads,), A < 0
-        ssm = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
-        if ssm_state is not None and u.shape[1] == 1:
-            step = ssd_step if u.is_cuda else ssd_step_reference
-            y = step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **ssm)[:, None]
-        else:
-            scan = ssd_scan if u.is_cuda else ssd_reference
-            y, final_state = scan(x, dt, A, B, C, chunk_size=c.chunk_size, initial_state=ssm_state,
-                                  return_final_state=True, **ssm)
-            if ssm_state is not None:
-                ssm_state.copy_(final_state)
+        scan = ssd_scan if _use_kernels(u) else ssd_reference
+        y, final_state = scan(x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                              dt_softplus=True, initial_state=ssm_state, return_final_state=True)
+        if ssm_state is not None:
+            ssm_state.copy_(final_state)
         y = rearrange(y, "b l h p -> b l (h p)")                                    # (batch, seqlen, d_inner)
         return self.out_proj(self.norm(y, z))
+
+    def step(self, u, conv_state, ssm_state):
+        """One token: u (batch, d_model) -> (batch, d_model), the states advanced in place (SSD §3's recurrence).
+
+        On a GPU without autograd, one kernel each for the conv, the SSM step and the gated norm, around in_proj and
+        out_proj: at batch 1 the launches, not the arithmetic, set the time per token."""
+        c = self.config
+        z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        if _inference_kernels(u):
+            xBC = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)   # (batch, conv_dim)
+        else:
+            xBC = causal_conv1d(xBC[:, None], self.conv1d.weight, self.conv1d.bias, conv_state)[:, 0]
+        x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        x = rearrange(x, "b (h p) -> b h p", p=c.headdim)                           # (batch, nheads, headdim)
+        B = rearrange(B, "b (g n) -> b g n", g=c.ngroups)                           # (batch, ngroups, dstate)
+        C = rearrange(C, "b (g n) -> b g n", g=c.ngroups)
+        step = ssd_step if _use_kernels(u) else ssd_step_reference
+        y = step(ssm_state, x, dt, None, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, A_log=self.A_log)
+        return self.out_proj(self.norm(rearrange(y, "b h p -> b (h p)"), z))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,15 +326,23 @@ class Mamba2Cache:
 
 
 class Mamba2Block(nn.Module):
-    """Pre-norm residual block: residual + Mixer(RMSNorm(residual))."""
+    """Pre-norm residual block as mamba_ssm's `Block`: residual ← hidden + residual, hidden ← Mixer(RMSNorm(residual)).
+
+    It passes (hidden, residual) on rather than their sum, so that the add and the next norm are one step."""
 
     def __init__(self, config):
         super().__init__()
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = Mamba2Mixer(config)
 
-    def forward(self, residual, conv_state=None, ssm_state=None):
-        return residual + self.mixer(self.norm(residual), conv_state, ssm_state)
+    def forward(self, hidden, residual=None, conv_state=None, ssm_state=None):
+        """hidden, residual (batch, seqlen, d_model) -> the same two for the next block. The first block takes the
+        embeddings as hidden and no residual."""
+        if residual is None:
+            residual, normed = hidden, self.norm(hidden)
+        else:
+            normed, residual = self.norm(hidden, residual)
+        return self.mixer(normed, conv_state, ssm_state), residual
 
 
 class Mamba2LM(nn.Module):
@@ -370,12 +386,13 @@ class Mamba2LM(nn.Module):
         if cache is not None and cache.ssm_state.shape[1] != h.shape[0]:
             raise ValueError(f"Mamba2LM.forward: the cache holds batch {cache.ssm_state.shape[1]}, "
                              f"the input {h.shape[0]}")
-        residual = h.to(torch.float32 if self.config.residual_in_fp32 else self.embedding.weight.dtype)
+        hidden = h.to(torch.float32 if self.config.residual_in_fp32 else self.embedding.weight.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
             states = (cache.conv_state[i], cache.ssm_state[i]) if cache is not None else ()
-            residual = layer(residual, *states)
+            hidden, residual = layer(hidden, residual, *states)
         head = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm_f(residual), head)
+        return F.linear(self.norm_f(hidden, residual)[0], head)
 
     def allocate_cache(self, batch):
         """An empty cache (zeros: the state before any token) on the model's device."""
@@ -603,7 +620,7 @@ def _scan_functions(x):
     """(cross_scan, cross_merge, ssd) for x: the Triton kernels on a GPU, their PyTorch definitions on a CPU, where
     Triton runs only interpreted (slowly), and for float64, which the kernels do not take (a precise check on a GPU).
     Tests swap this function to run the kernels on a CPU."""
-    if x.is_cuda and x.dtype != torch.float64:
+    if _use_kernels(x):
         return cross_scan, cross_merge, ssd_scan
     return cross_scan_reference, cross_merge_reference, ssd_reference
 

@@ -798,11 +798,14 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
 # 4. One step of the recurrence, for generation
 
 
-def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False):
+def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
     """One token of the recurrence in PyTorch; updates `state` in place and returns y.
 
-    state (batch, nheads, headdim, dstate); x (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate)."""
+    state (batch, nheads, headdim, dstate); x (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate).
+    A (nheads,), or None with A_log: A = -exp(A_log), as Mamba-2 stores it."""
     nheads = x.shape[1]
+    _check_A(A, A_log)
+    A = -torch.exp(A_log.float()) if A is None else A
     delta = _delta(dt, dt_bias, dt_softplus).to(state.dtype)                      # (batch, nheads)
     B_ = repeat(B.to(state.dtype), "b g n -> b (g r) n", r=nheads // B.shape[1])
     C_ = repeat(C.to(state.dtype), "b g n -> b (g r) n", r=nheads // C.shape[1])
@@ -813,6 +816,11 @@ def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=
     if D is not None:
         y = y + _d_term(D.to(state.dtype), x_)
     return y.to(x.dtype)
+
+
+def _check_A(A, A_log):
+    if (A is None) == (A_log is None):
+        raise ValueError("ssd_step: pass exactly one of A and A_log")
 
 
 @triton.jit
@@ -834,9 +842,10 @@ def _ssd_step_kernel(
     stride_bc_b, stride_bc_g,
     stride_y_b, stride_y_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x for one token of one head, the state updated in place.
+    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x for one token of one head, the state updated in place. With A_IS_LOG,
+    A_ptr holds A_log and A = -exp(A_log).
 
     Must match ssd_step_reference."""
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
@@ -850,7 +859,10 @@ def _ssd_step_kernel(
         delta += tl.load(dt_bias_ptr + h).to(tl.float32)
     if DT_SOFTPLUS:
         delta = _softplus(delta)
-    decay = tl.exp(delta * tl.load(A_ptr + h).to(tl.float32))
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(delta * A)
     x = tl.load(x_ptr + b * stride_x_b + h * stride_x_h + offs_p, mask=in_p, other=0.0).to(tl.float32)
     bc_off = b * stride_bc_b + (h // heads_per_group) * stride_bc_g + offs_n
     Bv = tl.load(B_ptr + bc_off, mask=in_n, other=0.0).to(tl.float32)
@@ -870,11 +882,14 @@ def _ssd_step_kernel(
     tl.store(y_ptr + b * stride_y_b + h * stride_y_h + offs_p, y, mask=in_p)
 
 
-def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False):
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
     """One token of the recurrence (Triton): updates `state` in place and returns y (batch, nheads, headdim).
 
     state (batch, nheads, headdim, dstate), contiguous in dstate; x (batch, nheads, headdim); dt (batch, nheads);
-    B, C (batch, ngroups, dstate). Matches ssd_step_reference; repeated over a sequence it matches ssd_scan."""
+    B, C (batch, ngroups, dstate); A (nheads,), or None with A_log, A = -exp(A_log) then taken inside the kernel (when
+    decoding, the launches of that little computation would cost more than the kernel). Matches ssd_step_reference;
+    repeated over a sequence it matches ssd_scan."""
+    _check_A(A, A_log)
     batch, nheads, P = x.shape
     N = state.shape[-1]
     if tuple(state.shape) != (batch, nheads, P, N) or state.stride(-1) != 1:
@@ -888,10 +903,11 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False):
     grid = (batch * nheads, triton.cdiv(P, BLOCK_P))
     D_ = D.contiguous() if D is not None else x
     _ssd_step_kernel[grid](
-        state, x, dt, A, B, C, D_, dt_bias if dt_bias is not None else A, y,
+        state, x, dt, A if A is not None else A_log, B, C, D_, dt_bias if dt_bias is not None else x, y,
         nheads, nheads // B.shape[1], P, N,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0),
         B.stride(0), B.stride(1), y.stride(0), y.stride(1),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, A_IS_LOG=A is None, BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N)
     return y

@@ -150,17 +150,19 @@ def test_state_carried_across_calls():
         assert rel_err(v.grad.cpu(), whole[k].cpu()) < 1e-5, k
 
 
-@pytest.mark.parametrize("ngroups,D_hdim", [(1, False), (2, True)])
-def test_step_repeated_equals_scan(ngroups, D_hdim):
-    """ssd_step applied token by token gives the scan's outputs and final state; the kernel equals its reference."""
+@pytest.mark.parametrize("ngroups,D_hdim,A_log", [(1, False, False), (2, True, True)])
+def test_step_repeated_equals_scan(ngroups, D_hdim, A_log):
+    """ssd_step applied token by token gives the scan's outputs and final state; the kernel equals its reference.
+    With A_log, the step takes A = -exp(A_log) itself, as the mixer calls it."""
     seqlen = CHUNK + 3
     inp = {k: v.float().to(DEVICE) if v is not None else None
            for k, v in make_inputs(seqlen=seqlen, ngroups=ngroups, headdim=12, dstate=20, D_hdim=D_hdim).items()}
     y_scan, final_scan = call(ssd_scan, inp, chunk_size=CHUNK)
     state, state_ref = inp["initial_state"].clone(), inp["initial_state"].clone()
     for t in range(seqlen):
-        args = (inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t])
-        kw = dict(D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True)
+        args = (inp["x"][:, t], inp["dt"][:, t], None if A_log else inp["A"], inp["B"][:, t], inp["C"][:, t])
+        kw = dict(D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True,
+                  A_log=torch.log(-inp["A"]) if A_log else None)
         y_t = ssd_step(state, *args, **kw)
         y_ref = ssd_step_reference(state_ref, *args, **kw)
         assert rel_err(y_t.cpu(), y_ref.cpu()) < 1e-6 and rel_err(state.cpu(), state_ref.cpu()) < 1e-6
@@ -183,6 +185,9 @@ def test_bad_inputs_are_named():
     inp = {k: v.float() if v is not None else None for k, v in make_inputs(seqlen=5, ngroups=2).items()}
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
         call(ssd_scan, inp, chunk_size=24)
+    with pytest.raises(ValueError, match="exactly one of A and A_log"):
+        ssd_step(torch.zeros(2, 4, 8, 16), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
+                 A_log=inp["A"])
     with pytest.raises(ValueError, match="B has shape"):
         call(ssd_reference, {**inp, "B": inp["B"][:, :4]})
     with pytest.raises(ValueError, match="ngroups=3 must divide nheads=4"):

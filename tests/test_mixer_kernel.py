@@ -1,0 +1,96 @@
+"""mixer_kernel.py: each Triton kernel against its PyTorch reference (float64 where the reference allows), on fresh
+random inputs whose sizes do not divide the kernels' blocks; the conv step against the parallel convolution."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
+                          rms_norm_reference)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("dim", [40, 300])
+def test_rms_norm(x_dtype, w_dtype, dim):
+    torch.manual_seed(dim)
+    x = (torch.randn(3, 5, dim, device=DEVICE) * 3 + 1).to(x_dtype)     # a mean and a scale the norm must remove
+    w = (torch.rand(dim, device=DEVICE) + 0.5).to(w_dtype)
+    out = rms_norm(x, w, 1e-5)
+    assert out.dtype == w_dtype and out.shape == x.shape
+    exact = rms_norm_reference(x.double(), w.double(), 1e-5)
+    tol = 1e-5 if w_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_with_residual(residual_dtype):
+    """The residual add fused into the norm: s = x + residual kept in residual's dtype, the norm of that s."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 300, device=DEVICE).to(torch.bfloat16)          # a mixer's output
+    residual = (torch.randn(2, 3, 300, device=DEVICE) * 4).to(residual_dtype)
+    w = (torch.rand(300, device=DEVICE) + 0.5).to(torch.bfloat16)
+    out, s = rms_norm(x, w, 1e-5, residual=residual)
+    out_ref, s_ref = rms_norm_reference(x, w, 1e-5, residual=residual)
+    assert s.dtype == residual_dtype and out.dtype == torch.bfloat16
+    # the interpreter rounds float32 to bfloat16 differently from a GPU (by up to one unit in the last place)
+    ulp = 2.0 ** -7 if residual_dtype == torch.bfloat16 and DEVICE == "cpu" else 0.0
+    torch.testing.assert_close(s, s_ref, rtol=ulp, atol=0)
+    torch.testing.assert_close(out.float(), rms_norm_reference(s.double(), w.double(), 1e-5).float(), rtol=1e-2,
+                               atol=1e-2)
+    torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="differ"):
+        rms_norm(x, w, 1e-5, residual=residual[:, :2])
+
+
+@pytest.mark.parametrize("ngroups,group_size", [(1, 24), (2, 24), (4, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gated_rms_norm(ngroups, group_size, dtype):
+    torch.manual_seed(ngroups)
+    dim = ngroups * group_size
+    proj = torch.randn(2, 7, 2 * dim + 5, device=DEVICE).to(dtype)      # z is a slice of a wider projection
+    y, z = torch.randn(2, 7, dim, device=DEVICE).to(dtype), proj[..., 3:3 + dim]
+    y[0, 0, :group_size] = 0                                            # a group of zeros: eps keeps it finite
+    w = torch.rand(dim, device=DEVICE).to(dtype) + 0.5
+    out = gated_rms_norm(y, z, w, group_size, 1e-5)
+    assert out.dtype == dtype and out.shape == y.shape and torch.isfinite(out).all()
+    exact = gated_rms_norm_reference(y.double(), z.double(), w.double(), group_size, 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="does not divide"):
+        gated_rms_norm(y, z, w, group_size + 1, 1e-5)
+
+
+@pytest.mark.parametrize("d_conv", [4, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_steps_equal_the_parallel_convolution(d_conv, bias, dtype):
+    """Token by token from an empty state, the conv step gives the causal convolution of the whole sequence, and the
+    state ends holding the last d_conv inputs."""
+    torch.manual_seed(d_conv)
+    batch, seqlen, channels = 2, 6, 300                                 # 300: two channel blocks, the second partial
+    proj = torch.randn(batch, seqlen, channels + 8, device=DEVICE, dtype=torch.float64)
+    xBC = proj[..., 8:]                                                 # a slice of in_proj's output, as in the mixer
+    weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64)
+    b = torch.randn(channels, device=DEVICE, dtype=torch.float64) if bias else None
+    exact = causal_conv1d(xBC, weight, b)                               # (batch, seqlen, channels), float64
+
+    state = torch.zeros(batch, channels, d_conv, device=DEVICE, dtype=dtype)
+    args = [t.to(dtype) if t is not None else None for t in (xBC, weight, b)]
+    steps = [conv_step(args[0][:, t], state, args[1], args[2]) for t in range(seqlen)]
+    got = torch.stack(steps, dim=1)
+    assert got.dtype == dtype and got.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    torch.testing.assert_close(state, xBC[:, -d_conv:].transpose(1, 2).to(dtype), rtol=0, atol=0)
+
+
+def test_conv_step_equals_the_reference_from_a_full_state():
+    torch.manual_seed(0)
+    x, state = torch.randn(3, 50, device=DEVICE), torch.randn(3, 50, 4, device=DEVICE)
+    weight, b = torch.randn(50, 1, 4, device=DEVICE), torch.randn(50, device=DEVICE)
+    state_ref = state.clone()
+    out = conv_step(x, state, weight, b)
+    torch.testing.assert_close(out, causal_conv1d(x[:, None], weight, b, state_ref)[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="conv_state must be"):
+        conv_step(x, state[..., :3], weight, b)
