@@ -2,7 +2,7 @@
 beside a Triton kernel for inference.
 
 During generation a token costs two matrix-vector products per layer (in_proj, out_proj) and a handful of tiny
-element-wise steps. Written as PyTorch ops, the tiny steps are ~25 kernels per layer (casts, powers, means, cat,
+element-wise steps. Written as PyTorch ops, the tiny steps are ~29 kernels per layer (casts, powers, means, cat,
 copy, SiLU...), each reading and writing a few kilobytes, and at batch 1 their launches, not the weights' bytes,
 set the time per token. Here each is one kernel:
 
@@ -29,7 +29,8 @@ def rms_norm_reference(x, weight, eps, residual=None):
     With a residual, the norm of s = x + residual (in residual's dtype) and s itself: (norm, s), the residual stream's
     add fused with the next block's norm (mamba_ssm's fused add + norm)."""
     if residual is not None:
-        s = residual + x.to(residual.dtype)
+        wide = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), torch.float32)
+        s = (residual.to(wide) + x.to(wide)).to(residual.dtype)             # one rounding, as mamba_ssm's
         return rms_norm_reference(s, weight, eps), s
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -96,8 +97,13 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row.to(tl.int64) * stride_out + offs, h * rstd * w, mask=mask)
 
 
-def _norm_launch(y, z, residual, weight, group_size, eps, out_dtype):
+def _norm_launch(caller, y, z, residual, weight, group_size, eps, out_dtype):
     dim = y.shape[-1]
+    for name, t in (("z", z), ("residual", residual)):
+        if t is not None and t.shape != y.shape:
+            raise ValueError(f"{caller}: {name} has shape {tuple(t.shape)}, the input {tuple(y.shape)}")
+    if tuple(weight.shape) != (dim,):
+        raise ValueError(f"{caller}: weight has shape {tuple(weight.shape)}, expected ({dim},)")
     rows = lambda t: t.reshape(-1, dim) if t is not None else None     # (rows, dim); a view where it can be
     y2, z2, r2 = rows(y), rows(z), rows(residual)
     if any(t is not None and t.stride(-1) != 1 for t in (y2, z2, r2)):
@@ -117,9 +123,7 @@ def _norm_launch(y, z, residual, weight, group_size, eps, out_dtype):
 
 def rms_norm(x, weight, eps, residual=None):
     """As rms_norm_reference, one kernel (forward only)."""
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
-    out, s = _norm_launch(x, None, residual, weight, x.shape[-1], eps, weight.dtype)
+    out, s = _norm_launch("rms_norm", x, None, residual, weight, x.shape[-1], eps, weight.dtype)
     return (out, s) if residual is not None else out
 
 
@@ -127,7 +131,7 @@ def gated_rms_norm(y, z, weight, group_size, eps):
     """As gated_rms_norm_reference, one kernel (forward only). z may be a strided view (a slice of in_proj's output)."""
     if y.shape[-1] % group_size:
         raise ValueError(f"gated_rms_norm: group_size {group_size} does not divide {y.shape[-1]} channels")
-    return _norm_launch(y, z, None, weight, group_size, eps, y.dtype)[0]
+    return _norm_launch("gated_rms_norm", y, z, None, weight, group_size, eps, y.dtype)[0]
 
 
 @triton.jit
@@ -145,8 +149,9 @@ def _conv_step_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
     in_c = offs_c < channels
+    b = b.to(tl.int64)
     x = tl.load(x_ptr + b * stride_x_b + offs_c, mask=in_c, other=0.0)
-    s_ptrs = state_ptr + b.to(tl.int64) * stride_s_b + offs_c[:, None] * stride_s_c + offs_k[None, :]
+    s_ptrs = state_ptr + b * stride_s_b + offs_c[:, None] * stride_s_c + offs_k[None, :]
     older = tl.load(s_ptrs + 1, mask=in_c[:, None] & (offs_k[None, :] + 1 < d_conv), other=0.0)
     window = tl.where(offs_k[None, :] == d_conv - 1, x[:, None].to(older.dtype), older)     # (BLOCK_C, BLOCK_K)
     tl.store(s_ptrs, window, mask=in_c[:, None] & (offs_k[None, :] < d_conv))

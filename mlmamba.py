@@ -11,7 +11,7 @@ mamba_ssm's `MambaLMHeadModel` with `Mamba2` mixers, loadable from its public ch
 5. Connector      `Connector`: the patch grid scanned in K orders by Mamba-2 SSD (`VSSBlock`), then a 2-layer MLP
 6. ML-Mamba       `MLMamba`: vision + connector + LM; training forward, batched generation, save / load
 
-Shapes: (batch, seqlen, d_model) between blocks; inside a mixer x (batch, seqlen, nheads, headdim) and
+Shapes: (batch, seqlen, d_model) between blocks (a pair: the block's output and the residual stream); inside a mixer x (batch, seqlen, nheads, headdim) and
 B, C (batch, seqlen, ngroups, dstate) as ssd_kernel.py takes them; the patch grid (batch, H, W, channels).
 """
 import dataclasses
@@ -32,9 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
                           rms_norm_reference)
+from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import Block, FusedVisionEncoder, VisionConfig, VisionEncoder, load_vision
 
@@ -291,7 +291,8 @@ class Mamba2Mixer(nn.Module):
         """One token: u (batch, d_model) -> (batch, d_model), the states advanced in place (SSD §3's recurrence).
 
         On a GPU without autograd, one kernel each for the conv, the SSM step and the gated norm, around in_proj and
-        out_proj: at batch 1 the launches, not the arithmetic, set the time per token."""
+        out_proj: at batch 1 the launches, not the arithmetic, set the time per token. With autograd, the references,
+        which it differentiates."""
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
         if _inference_kernels(u):
@@ -302,7 +303,7 @@ class Mamba2Mixer(nn.Module):
         x = rearrange(x, "b (h p) -> b h p", p=c.headdim)                           # (batch, nheads, headdim)
         B = rearrange(B, "b (g n) -> b g n", g=c.ngroups)                           # (batch, ngroups, dstate)
         C = rearrange(C, "b (g n) -> b g n", g=c.ngroups)
-        step = ssd_step if _use_kernels(u) else ssd_step_reference
+        step = ssd_step if _inference_kernels(u) else ssd_step_reference
         y = step(ssm_state, x, dt, None, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, A_log=self.A_log)
         return self.out_proj(self.norm(rearrange(y, "b h p -> b (h p)"), z))
 

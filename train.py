@@ -908,7 +908,7 @@ def main(argv=None):
     try:
         result = run(config, ranks, preset)
         if dist.is_initialized():
-            # Both ranks done talking before either shuts its side down, and the DDP/FSDP wrappers (reference
+            # All ranks done talking before any shuts its side down, and the DDP/FSDP wrappers (reference
             # cycles that keep the group alive) freed now: a gloo group torn down at interpreter exit can abort.
             dist.barrier()
             gc.collect()

@@ -50,7 +50,11 @@ def _ptxas_problem():
     argument specialisation and ptxas's report), which a later Triton may move: then it is skipped, saying so."""
     try:
         from triton._C.libtriton import native_specialize_impl  # noqa: F401
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import KernelParam  # noqa: F401
         triton.knobs.nvidia.dump_ptxas_log
+        if "warmup" not in inspect.signature(InterpretedFunction.run).parameters:
+            raise AttributeError("InterpretedFunction.run takes no warmup argument")
         from triton.backends.nvidia.compiler import get_ptxas
         ptxas = get_ptxas(90).path
         subprocess.run([ptxas, "--version"], check=True, capture_output=True, timeout=60)
@@ -159,7 +163,7 @@ def mixer_decode_bf16():
     zxbcdt = torch.randn(2, 2 * 5120 + 2 * 128 + 80, dtype=bf16)                 # in_proj's output: z, xBC, dt
     hidden, weight = torch.randn(2, 1, 2560, dtype=bf16), torch.randn(2560, dtype=bf16)
     rms_norm(hidden, weight, 1e-5, residual=torch.randn(2, 1, 2560))
-    rms_norm(hidden, weight, 1e-5)
+    rms_norm(hidden.float(), weight, 1e-5)                                         # the first block's, float32 in
     gated_rms_norm(torch.randn(2, 5120, dtype=bf16), zxbcdt[:, :5120], torch.randn(5120, dtype=bf16), 5120, 1e-5)
     conv_step(zxbcdt[:, 5120:10496], torch.randn(2, 5376, 4, dtype=bf16), torch.randn(5376, 1, 4, dtype=bf16),
               torch.randn(5376, dtype=bf16))

@@ -212,6 +212,22 @@ def test_kernels_give_the_references_logits(monkeypatch):
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 
+def test_training_on_the_kernel_path_gets_every_gradient(monkeypatch):
+    """With autograd on, the forward-only kernels (norms, conv step) must stay out of the way: on the kernel path
+    (ssd_scan's autograd Function for the scan) every parameter gets the references' gradient."""
+    model = random_lm()
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    grads = {}
+    for kernels in (False, True):
+        monkeypatch.setattr(mlmamba, "_use_kernels", lambda t: kernels)
+        model.zero_grad()
+        model(ids).square().mean().backward()
+        grads[kernels] = {name: p.grad for name, p in model.named_parameters()}
+    for name, expected in grads[False].items():
+        assert grads[True][name] is not None, name
+        torch.testing.assert_close(grads[True][name], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
 @torch.no_grad()
 def test_residual_stream_dtype(residual_in_fp32):

@@ -38,7 +38,7 @@ def test_rms_norm_with_residual(residual_dtype):
     torch.testing.assert_close(out.float(), rms_norm_reference(s.double(), w.double(), 1e-5).float(), rtol=1e-2,
                                atol=1e-2)
     torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-2)
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="residual has shape"):
         rms_norm(x, w, 1e-5, residual=residual[:, :2])
 
 
@@ -58,6 +58,20 @@ def test_gated_rms_norm(ngroups, group_size, dtype):
     torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="does not divide"):
         gated_rms_norm(y, z, w, group_size + 1, 1e-5)
+    with pytest.raises(ValueError, match="z has shape"):
+        gated_rms_norm(y, z.transpose(0, 1), w, group_size, 1e-5)
+    with pytest.raises(ValueError, match=r"weight has shape \(12,\)"):
+        gated_rms_norm(y, z, w[:12], group_size, 1e-5)
+
+
+def test_norms_of_inputs_strided_in_the_last_dimension():
+    torch.manual_seed(2)
+    x = torch.randn(4, 30, 6, device=DEVICE).transpose(1, 2)                 # (4, 6, 30), stride 6 along the norm
+    w = torch.rand(30, device=DEVICE) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    z = torch.randn(4, 30, 6, device=DEVICE).transpose(1, 2)
+    torch.testing.assert_close(gated_rms_norm(x, z, w, 15, 1e-5), gated_rms_norm_reference(x, z, w, 15, 1e-5),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("d_conv", [4, 3])
