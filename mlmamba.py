@@ -617,15 +617,6 @@ class ConnectorConfig:
                              f"{e}") from None
 
 
-def _scan_functions(x):
-    """(cross_scan, cross_merge, ssd) for x: the Triton kernels on a GPU, their PyTorch definitions on a CPU, where
-    Triton runs only interpreted (slowly), and for float64, which the kernels do not take (a precise check on a GPU).
-    Tests swap this function to run the kernels on a CPU."""
-    if _use_kernels(x):
-        return cross_scan, cross_merge, ssd_scan
-    return cross_scan_reference, cross_merge_reference, ssd_reference
-
-
 class VSSBlock(nn.Module):
     """VMamba's Visual State Space block (arXiv 2401.10166: the VSS block around SS2D, the 2D selective scan), with
     Mamba-2's SSD as the selective scan of each direction, as ML-Mamba's Mamba-2 Visual Selective Scan (arXiv
@@ -676,7 +667,8 @@ class VSSBlock(nn.Module):
         """SS2D's K-direction selective scan: x (batch, H, W, d_inner) -> y of the same shape."""
         c, K = self.config, len(self.orders)
         _, H, W, _ = x.shape
-        scan, merge, ssd = _scan_functions(x)
+        scan, merge, ssd = ((cross_scan, cross_merge, ssd_scan) if _use_kernels(x)
+                            else (cross_scan_reference, cross_merge_reference, ssd_reference))
         xs = scan(x, self.orders)                                                # (K, batch, H*W, d_inner)
         dt, B, C = torch.split(torch.einsum("kbld,ked->kble", xs, self.x_proj),   # one batched matmul for all k
                                [self.nheads, c.d_state, c.d_state], dim=-1)
