@@ -198,18 +198,28 @@ def test_prefill_then_steps_match_forward(prefill, dtype, path):
         assert err_cached <= 1.5 * err_full + 0.05, (err_cached, err_full)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @torch.no_grad()
-def test_kernels_give_the_references_logits(monkeypatch):
-    """The Triton path (scan, conv step, SSM step, both norms) against the PyTorch path, prefill and steps."""
-    model = random_lm()
+def test_kernels_give_the_references_logits(monkeypatch, dtype):
+    """The Triton path (scan, conv step, SSM step, both norms) against the PyTorch path, prefill and steps. bfloat16
+    on a CPU: steps only (the interpreter's bfloat16 tl.dot, which the scan needs, is wrong: triton#11584)."""
+    model = random_lm(dtype)
     ids = torch.randint(0, 97, (2, 20), device=DEVICE)
+    prefill = 0 if dtype == torch.bfloat16 and DEVICE == "cpu" else 17
     logits = {}
     for kernels in (False, True):
         monkeypatch.setattr(mlmamba, "_use_kernels", lambda t: kernels)
         cache = model.allocate_cache(2)
-        logits[kernels] = torch.cat([model(ids[:, :17], cache=cache)]
-                                    + [model.step(ids[:, t], cache)[:, None] for t in range(17, 20)], dim=1)
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+        pieces = [model(ids[:, :prefill], cache=cache)] if prefill else []
+        pieces += [model.step(ids[:, t], cache)[:, None] for t in range(prefill, 20)]
+        logits[kernels] = torch.cat(pieces, dim=1)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    else:   # the two paths round differently (the kernels keep float32 inside); both near the float32 model's
+        monkeypatch.setattr(mlmamba, "_use_kernels", lambda t: False)
+        exact = model.float()(ids)                               # the same bf16-rounded weights, float32 arithmetic
+        err_ref, err_kernels = ((t.float() - exact).abs().max().item() for t in (logits[False], logits[True]))
+        assert err_kernels <= 1.5 * err_ref + 0.05, (err_kernels, err_ref)
 
 
 def test_training_on_the_kernel_path_gets_every_gradient(monkeypatch):
