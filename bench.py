@@ -298,7 +298,7 @@ def bench_generate(args, bw):
     vision = VisionConfig(image_size=384, patch_size=14, width=1152, depth=2 if args.quick else 27, heads=16,
                           mlp_dim=4304)
     with torch.device("cuda"):
-        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(kind="cross"), lm=config))
+        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(), lm=config))
     model = model.to(torch.bfloat16).eval()
     lm, vocab = model.lm, config.vocab_size
     floor = sum(p.numel() * p.element_size() for p in lm.parameters()) / bw * 1e3
@@ -336,7 +336,7 @@ def bench_train_step(args, bw):
     vision = VisionConfig(image_size=224, patch_size=16, width=768, depth=2 if args.quick else 12, heads=12,
                           mlp_dim=3072)
     with torch.device("cuda"):
-        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(kind="cross"), lm=lm))
+        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(), lm=lm))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, lm.vocab_size, (8, 128), device="cuda")
     pixels = torch.rand(8, 3, 224, 224, device="cuda")

@@ -37,6 +37,11 @@ IGNORE_INDEX = -100                 # labels here are left out of the loss (PyTo
 MAX_LISTED = 50                     # problems spelled out in an error message; the rest are counted
 
 
+def plural(n, noun):
+    """A count and its noun, for messages: "1 record", "2 records"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _record_name(record, index):
     has_id = isinstance(record, dict) and "id" in record
     return f"record {index} (id {record['id']!r})" if has_id else f"record {index}"
@@ -46,7 +51,8 @@ def _raise_problems(source, problems, total):
     if problems:
         listed = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
                                           if len(problems) > MAX_LISTED else [])
-        raise ValueError(f"data: {source}: {len(problems)} problems in {total} records:\n  " + "\n  ".join(listed))
+        raise ValueError(f"data: {source}: {plural(len(problems), 'problem')} in {plural(total, 'record')}:\n  "
+                         + "\n  ".join(listed))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,13 +74,16 @@ def read_conversations(path):
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):
             raise ValueError(f"data: {path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:          # a number of over 4300 digits, nesting too deep
+        raise ValueError(f"data: {path}: not valid JSON ({e})") from None
     records, problems = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                problems.append(f"line {number}: not valid JSON ({e.msg} at column {e.colno})")
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, a 4300-digit number, nesting too deep
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                problems.append(f"line {number}: not valid JSON ({why})")
     _raise_problems(path, problems, len(records) + len(problems))
     return records
 
@@ -94,6 +103,8 @@ def _record_problems(record, image_folder):
             expected = "human" if i % 2 == 0 else "gpt"
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
                 problems.append(f"turn {i} is not an object with a string 'value'")
+            elif not _is_unicode(turn["value"]):
+                problems.append(f"turn {i} holds a lone surrogate (a \\ud800-\\udfff escape), which is no text")
             elif turn.get("from") != expected:
                 problems.append(f"turn {i} is from {turn.get('from')!r}, expected {expected!r} (turns alternate "
                                 f"human, gpt, human, ...)")
@@ -105,11 +116,28 @@ def _record_problems(record, image_folder):
     if isinstance(image, str):
         if image_folder is None:
             problems.append(f"has an image {image!r} but no image folder was given")
-        elif not (Path(image_folder) / image).is_file():
+        elif not _is_file(Path(image_folder) / image):
             problems.append(f"image file {Path(image_folder) / image} does not exist")
     elif image is not None and not isinstance(image, bytes):
         problems.append(f"has an 'image' of type {type(image).__name__}, expected a path")
     return problems
+
+
+def _is_unicode(text):
+    """False for a str that holds a lone surrogate (JSON's "\\ud800"): it has no UTF-8, no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_file(path):
+    """Path.is_file, but False rather than OSError for a name the file system refuses (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def validate_records(records, image_folder=None, source="records"):
@@ -160,7 +188,8 @@ def skip_summary(skipped):
     if not skipped:
         return "data: no samples skipped"
     first_id, first_reason = skipped[0]
-    return f"data: skipped {len(skipped)} samples with unreadable images (first: id {first_id!r}: {first_reason})"
+    return (f"data: skipped {plural(len(skipped), 'sample')} with unreadable images (first: id {first_id!r}: "
+            f"{first_reason})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

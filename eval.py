@@ -1,6 +1,7 @@
 """Closed-set evaluation of an ML-Mamba checkpoint on local benchmark files: a table on stdout, everything in JSON.
 
-    python eval.py --data out/shapes/data/shapes-64px-20000-1000-seed0/test.json     # the built-in held-out set
+    python eval.py --data out/shapes/data/shapes-32px-8000-500-seed0/test.json     # the cpu preset's held-out set
+    python eval.py --data out/shapes/data/shapes-64px-50000-1000-seed0/test.json   # the gpu preset's
     python eval.py --ckpt out/stage2/latest --data pope/coco_pope_random.json --data pope/coco_pope_adversarial.json \\
                    --images coco/val2014
     python eval.py --data textvqa_val.jsonl --images textvqa/train_images --out textvqa.json
@@ -54,7 +55,8 @@ class EvalConfig:
     task: str = option("auto", "vqa, pope or mc; auto: from the records' fields")
     batch_size: int = option(32, "questions per generate call")
     max_new_tokens: int = option(32, "the longest answer, in tokens")
-    out: str = option("eval.json", "where the metrics and every prediction are written")
+    out: str | None = option(None, "where the metrics and every prediction are written; default: eval.json beside "
+                                   "the checkpoint (in its out_dir), or out/eval.json if that is not writable")
     device: str = option("auto", "'cuda', 'cpu', ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "weights: 'bf16' or 'fp32'; auto: bf16 on a GPU, fp32 on a CPU")
     cuda_graph: bool = option(True, "on a GPU, replay the per-token step from a CUDA graph")
@@ -252,12 +254,13 @@ def predict(model, tokenizer, items, image_folder, c, decoder=None):
 
 
 def table(results):
-    """One row per file: its task, size, accuracy and the task's other metrics (percentages)."""
-    rows = [("data", "task", "n", "accuracy", "other metrics")]
+    """One row per file: its task, number of questions, accuracy and the task's other metrics; rates as percentages
+    ("50.00%"), counts out of the questions ("0 of 3")."""
+    rows = [("data", "task", "questions", "accuracy", "other metrics")]
     for r in results:
-        others = [f"{k} {100 * v:.2f}" if isinstance(v, float) else f"{k} {v}"
+        others = [f"{k} {100 * v:.2f}%" if isinstance(v, float) else f"{k} {v} of {r['n']}"
                   for k, v in r["metrics"].items() if k != "accuracy"]
-        rows.append((Path(r["data"]).name, r["task"], str(r["n"]), f"{100 * r['metrics']['accuracy']:.2f}",
+        rows.append((Path(r["data"]).name, r["task"], str(r["n"]), f"{100 * r['metrics']['accuracy']:.2f}%",
                      "  ".join(others)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -303,10 +306,23 @@ def run(c, log=sys.stderr):
             for item, p, s in zip(items, predictions, scores)]))
     report = dict(ckpt=str(directory), date=time.strftime("%Y-%m-%d %H:%M:%S"), dtype=str(dtype), device=str(device),
                   results=results)
-    Path(c.out).write_text(json.dumps(report, indent=1) + "\n")
+    written = write_report(report, [c.out] if c.out is not None else [directory.parent / "eval.json",
+                                                                      Path("out") / "eval.json"])
     print(table(results))
-    print(f"eval.py: metrics and every prediction in {c.out}", file=log)
+    print(f"eval.py: metrics and every prediction in {written}", file=log)
     return report
+
+
+def write_report(report, paths):
+    """Writes the report as JSON to the first of `paths` that can be written; returns that path."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1) + "\n")
+            return path
+        except OSError as e:
+            error = e
+    raise GenerateError(f"cannot write the results to {path}: {error}")
 
 
 def cli(argv=None):

@@ -11,6 +11,7 @@ set the time per token. Here each is one kernel:
 - `conv_step`       one token of the causal depthwise convolution + SiLU, shifting the conv state in place
 
 The kernels compute forward only (no autograd): training goes through the references, which autograd differentiates.
+On tensors off a GPU, without TRITON_INTERPRET=1, the three run their references, warning once (reference_off_gpu).
 """
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,16 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
+from ssd_kernel import reference_off_gpu
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. References
 
 
 def rms_norm_reference(x, weight, eps, residual=None):
-    """x / rms(x) · weight over the last dimension, in float32, returned in the weight's dtype (mamba_ssm's RMSNorm).
+    """x / rms(x) · weight over the last dimension, in float32 (float64 for float64), returned in the weight's dtype
+    (mamba_ssm's RMSNorm).
 
     With a residual, the norm of s = x + residual (in residual's dtype) and s itself: (norm, s), the residual stream's
     add fused with the next block's norm (mamba_ssm's fused add + norm)."""
@@ -32,18 +36,20 @@ def rms_norm_reference(x, weight, eps, residual=None):
         wide = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), torch.float32)
         s = (residual.to(wide) + x.to(wide)).to(residual.dtype)             # one rounding, as mamba_ssm's
         return rms_norm_reference(s, weight, eps), s
-    x = x.float()
+    wide = torch.promote_types(x.dtype, torch.float32)                     # float32, or float64 for float64
+    x = x.to(wide)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return (x * weight.float()).to(weight.dtype)
+    return (x * weight.to(wide)).to(weight.dtype)
 
 
 def gated_rms_norm_reference(y, z, weight, group_size, eps):
     """RMSNorm(y ⊙ SiLU(z)) over each group of `group_size` channels, returned in y's dtype (mamba_ssm's RMSNormGated
     with norm_before_gate=False)."""
-    h = y.float() * F.silu(z.float())
+    wide = torch.promote_types(y.dtype, torch.float32)                     # float32, or float64 for float64
+    h = y.to(wide) * F.silu(z.to(wide))
     h = rearrange(h, "... (g d) -> ... g d", d=group_size)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (rearrange(h, "... g d -> ... (g d)") * weight.float()).to(y.dtype)
+    return (rearrange(h, "... g d -> ... (g d)") * weight.to(wide)).to(y.dtype)
 
 
 def causal_conv1d(xBC, weight, bias=None, conv_state=None):
@@ -63,6 +69,11 @@ def causal_conv1d(xBC, weight, bias=None, conv_state=None):
         conv_state.copy_(window[..., -d_conv:])
     out = F.conv1d(window, weight, bias, groups=channels)                   # (batch, channels, seqlen)
     return rearrange(F.silu(out), "b c l -> b l c")
+
+
+def conv_step_reference(x, conv_state, weight, bias=None):
+    """One token of causal_conv1d, with conv_step's arguments: x (batch, channels) -> (batch, channels)."""
+    return causal_conv1d(x[:, None], weight, bias, conv_state)[:, 0].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,12 +132,14 @@ def _norm_launch(caller, y, z, residual, weight, group_size, eps, out_dtype):
     return out.view(y.shape), r_out.view(y.shape) if r_out is not None else None
 
 
+@reference_off_gpu(rms_norm_reference)
 def rms_norm(x, weight, eps, residual=None):
     """As rms_norm_reference, one kernel (forward only)."""
     out, s = _norm_launch("rms_norm", x, None, residual, weight, x.shape[-1], eps, weight.dtype)
     return (out, s) if residual is not None else out
 
 
+@reference_off_gpu(gated_rms_norm_reference)
 def gated_rms_norm(y, z, weight, group_size, eps):
     """As gated_rms_norm_reference, one kernel (forward only). z may be a strided view (a slice of in_proj's output)."""
     if y.shape[-1] % group_size:
@@ -163,6 +176,7 @@ def _conv_step_kernel(
     tl.store(out_ptr + b * stride_out_b + offs_c, out * tl.sigmoid(out), mask=in_c)
 
 
+@reference_off_gpu(conv_step_reference)
 def conv_step(x, conv_state, weight, bias=None):
     """One token of causal_conv1d (forward only): x (batch, channels), a row-contiguous view is fine; conv_state
     (batch, channels, d_conv), contiguous in d_conv, shifted in place; weight (channels, 1, d_conv). Returns (batch,

@@ -8,7 +8,7 @@ mamba_ssm's `MambaLMHeadModel` with `Mamba2` mixers, loadable from its public ch
 2. Mixer          the Mamba-2 block of SSD paper §7 (Figure 6): in_proj, causal conv, SSD scan, gated RMSNorm, out_proj
 3. Language model `Mamba2LM`: embedding, pre-norm residual blocks, final norm, LM head; recurrent cache, step, generate
 4. Loading        `load_mamba2(path)`: the state-spaces/mamba2-* layout and transformers' Mamba2ForCausalLM layout
-5. Connector      `Connector`: the patch grid scanned in K orders by Mamba-2 SSD (`VSSBlock`), then a 2-layer MLP
+5. Connector      `Connector`: ML-Mamba's Mamba-2 Scan Connector (`Mamba2ScanMixer` in K scan orders, SwiGLU, MLP)
 6. ML-Mamba       `MLMamba`: vision + connector + LM; training forward, batched generation, save / load
 
 Shapes: (batch, seqlen, d_model) between blocks (a pair: the block's output and the residual stream); inside a mixer x (batch, seqlen, nheads, headdim) and
@@ -68,12 +68,18 @@ class Mamba2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Mamba2Config: {name} must be a positive integer, got {value!r}")
+        for name in ("bias", "conv_bias", "residual_in_fp32", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Mamba2Config: {name} must be true or false, got {getattr(self, name)!r}")
+        if not _epsilon(self.norm_eps):
+            raise ValueError(f"Mamba2Config: norm_eps must be a number between 0 and 1, got {self.norm_eps!r}")
         if self.d_inner % self.headdim:
             raise ValueError(f"Mamba2Config: headdim={self.headdim} must divide d_inner=expand*d_model={self.d_inner}")
         if self.nheads % self.ngroups:
             raise ValueError(f"Mamba2Config: ngroups={self.ngroups} must divide nheads={self.nheads}")
-        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"Mamba2Config: chunk_size must be a power of two >= 16 (ssd_scan), got {self.chunk_size}")
+        if not 16 <= self.chunk_size <= 4096 or self.chunk_size & (self.chunk_size - 1):   # a sequence is padded to it
+            raise ValueError(f"Mamba2Config: chunk_size must be a power of two from 16 to 4096 (ssd_scan), got "
+                             f"{self.chunk_size}")
 
     @property
     def d_inner(self):
@@ -101,7 +107,10 @@ class Mamba2Config:
         are refused rather than ignored."""
         raw = _read_json(path)
         _require(raw, ("d_model", "n_layer", "vocab_size"), path)
-        ssm_cfg = dict(raw.get("ssm_cfg") or {})
+        ssm_cfg = raw.get("ssm_cfg") or {}
+        if not isinstance(ssm_cfg, dict):
+            raise ValueError(f"{path}: ssm_cfg must be an object, got {type(ssm_cfg).__name__}")
+        ssm_cfg = dict(ssm_cfg)
         layer = ssm_cfg.pop("layer", "Mamba1")                     # mamba_ssm's default mixer is Mamba-1
         if layer != "Mamba2":
             raise ValueError(f"{path}: ssm_cfg.layer is {layer!r}; only Mamba-2 checkpoints are supported")
@@ -151,17 +160,25 @@ def _read_json(path):
             raw = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:          # not UTF-8 or JSON, nested too deep, a 4300-digit number
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
 
 
+def _epsilon(value):
+    """A number between 0 and 1, not a boolean."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
 def _json_value(value):
     """Lists for tuples, and floats for transformers' {"__float__": "Infinity"} (how it writes inf in JSON)."""
     if isinstance(value, dict) and set(value) == {"__float__"}:
-        return float(value["__float__"])
+        try:
+            return float(value["__float__"])
+        except (TypeError, ValueError):                # not a number: left as it is, for _refuse to name
+            return value
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
     return value
@@ -483,8 +500,14 @@ def load_mamba2(path, dtype=torch.float32, device="cpu"):
     state = {_our_name(k): v for k, v in _read_weights(weights).items()}
     if config.tie_embeddings:
         _untie(state, weights)
-    with torch.device("meta"):                                     # no memory, no init: every tensor is replaced
-        model = Mamba2LM(config)
+    layers = {k.split(".")[1] for k in state if k.startswith("layers.")}
+    if config.n_layer > len(layers):                               # checked first: a billion layers take hours to build
+        raise ValueError(f"{config_path}: n_layer={config.n_layer}, but {weights} holds only {len(layers)} layers")
+    try:
+        with torch.device("meta"):                                 # no memory, no init: every tensor is replaced
+            model = Mamba2LM(config)
+    except (RuntimeError, TypeError) as e:                         # torch's errors for sizes past what int64 counts
+        raise ValueError(f"{config_path}: sizes too large to build ({str(e).splitlines()[0]})") from None
     _check_state_dict(model, state, f"{weights} does not fit the model of {config_path} (names without 'backbone.')")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model
@@ -569,143 +592,265 @@ def _check_state_dict(model, state, what):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. The connector: the vision encoder's patch grid -> tokens for the LM
+# 5. The connector: the vision encoder's patch grid -> tokens for the LM (ML-Mamba §3.2.3, Eq. 6-8)
+
+
+CONNECTOR_KINDS = ("msc", "mlp", "vss-mlp", "vss-l2")
 
 
 @dataclass
 class ConnectorConfig:
-    """The connector's kind and the sizes of its scan block (ignored by kind "mlp").
+    """Which connector, and its scan directions. The scans' own sizes (d_state, headdim, expand, d_conv, chunk) are
+    the LM's: the released code builds its connector's Mamba-2 layers from the LM's config (ML-Mamba's
+    `Bidirectional_Mamba.from_pretrained(<the LM's hub path>)`, which reads the config and keeps the random weights).
 
-    kind: "mlp"            LLaVA-1.5's 2-layer MLP alone (Liu et al. 2023, arXiv 2310.03744): the baseline;
-          "bidirectional"  row-major forward and backward, VL-Mamba's Bidirectional-Scan Mechanism;
-          "cross"          VMamba's four routes (rows, columns, both reversed), VL-Mamba's Cross-Scan Mechanism;
-          any other scan set or registered order of scan2d_kernel.py ("snake"), or a comma-separated list of orders
-          ("row,snake"): a student's new order works here by its name."""
-    kind: str = "cross"
-    d_state: int = 64               # N, each direction's state size per head and channel
-    headdim: int = 64               # P; each direction has expand * vision width / headdim heads
-    expand: int = 2                 # the scan block's inner width d_inner = expand * vision width
-    d_conv: int = 3                 # side of the depthwise convolution over the grid (odd: the grid keeps its size)
-    chunk_size: int = 256           # the SSD scan's chunk length (a power of two >= 16)
-    mlp_hidden: int | None = None   # the MLP's hidden width; None: the LM width, as LLaVA's and Prismatic's MLP
-    norm_eps: float = 1e-5
+    kind: "msc"      ML-Mamba's Mamba-2 Scan Connector, Eq. 8 as the released code runs it (Table 6, MSC-MLP)
+          "mlp"      Eq. 6: the three-layer MLP projector alone, no scan (Table 6's baseline)
+          "vss-mlp"  VL-Mamba's VSS-MLP connector: V_out = MLP(Norm(VSS(V) + V))
+          "vss-l2"   VL-Mamba's VSS-L2 connector: V' = Linear(V), V_out = Linear(Norm(VSS(GELU(V')) + V'))
+    scan: the directions of the 2D scan, from scan2d_kernel's registry: "bidirectional" (row + row reversed: the
+          Bidirectional-Scan Mechanism of Table 7, ML-Mamba's choice), "cross" (the four routes of the Cross-Scan
+          Mechanism), one order ("snake"), or a comma-separated list of orders ("row,diagonal")."""
+    kind: str = "msc"
+    scan: str = "bidirectional"
+    n_blocks: int = 2               # MSC blocks (the released code: 2)
+    swiglu: bool = True             # the SwiGLU of Eq. 8 in each MSC block; False: our reading of Eq. 7, Table 6's
+                                    # "Basic" MSC (blocks h + mixer(h) alone; the released code has no such path)
 
     def __post_init__(self):
-        for name in ("d_state", "headdim", "expand", "d_conv", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ConnectorConfig: {name} must be a positive integer, got {value!r}")
-        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
-            raise ValueError(f"ConnectorConfig: mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
-        if self.d_conv % 2 == 0:
-            raise ValueError(f"ConnectorConfig: d_conv must be odd so that the grid keeps its size, got {self.d_conv}")
-        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"ConnectorConfig: chunk_size must be a power of two >= 16, got {self.chunk_size}")
-        if not isinstance(self.kind, str):
-            raise ValueError(f"ConnectorConfig: kind must be a string, got {self.kind!r}")
+        if self.kind not in CONNECTOR_KINDS:
+            raise ValueError(f"ConnectorConfig: kind must be one of {', '.join(CONNECTOR_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.n_blocks, int) or isinstance(self.n_blocks, bool) or self.n_blocks < 1:
+            raise ValueError(f"ConnectorConfig: n_blocks must be a positive integer, got {self.n_blocks!r}")
+        if not isinstance(self.scan, str):
+            raise ValueError(f"ConnectorConfig: scan must be a string, got {self.scan!r}")
         self.orders                                                             # an unknown order fails here, early
 
     @property
     def orders(self):
-        """The names of the scan orders, one per direction; () for "mlp"."""
-        if self.kind == "mlp":
-            return ()
+        """The names of the scan orders, one per direction."""
         try:
-            return resolve_orders(self.kind.split(",") if "," in self.kind else self.kind)
+            return resolve_orders(self.scan.split(",") if "," in self.scan else self.scan)
         except ValueError as e:
-            raise ValueError(f"ConnectorConfig: kind={self.kind!r} is not 'mlp', a scan set or scan orders: "
-                             f"{e}") from None
+            raise ValueError(f"ConnectorConfig: scan={self.scan!r} is not a scan set or scan orders: {e}") from None
 
 
-class VSSBlock(nn.Module):
-    """VMamba's Visual State Space block (arXiv 2401.10166: the VSS block around SS2D, the 2D selective scan), with
-    Mamba-2's SSD as the selective scan of each direction, as ML-Mamba's Mamba-2 Visual Selective Scan (arXiv
-    2407.19832, in its Mamba-2 Scan Connector). VL-Mamba's connector (arXiv 2403.13600, the Vision Selective Scan
-    module of its MultiModal Connector) is the same block with Mamba-1 scans. On the grid u (batch, H, W, dim):
+class Mamba2ScanMixer(nn.Module):
+    """The Mamba-2 mixer (`Mamba2Mixer`, SSD §7.1) run over the patch grid in K scan orders π_1 … π_K: the mixer of
+    ML-Mamba's MSC. in_proj, the gated norm's weight and out_proj are shared by the directions; each direction has its
+    own causal conv1d, dt_bias, A_log and D. On the grid u (batch, H, W, d_model):
 
-        z, x  = in_proj(RMSNorm(u))            the gate z and the scanned branch x, (batch, H, W, d_inner) each
-        x     = SiLU(depthwise_conv2d(x))      d_conv x d_conv neighbourhoods on the grid, before any scan
-        x_k   = cross_scan(x)[k]               the grid read in order π_k, for the K directions
-        Δ_k, B_k, C_k = x_proj_k(x_k)          each direction its own projections (SS2D's x_proj, per direction),
-        y_k   = SSD(x_k; Δ_k, A_k, B_k, C_k) + D_k x_k       its own A, dt_bias, D (SSD paper §3, §7), its own scan
-        y     = cross_merge(y_1 … y_K)         the K outputs summed back onto the grid (SS2D's CrossMerge)
-        out   = u + out_proj(RMSNorm(y ⊙ SiLU(z)))
+        z, xBC, dt   = in_proj(u)                         as Mamba2Mixer, once for all directions
+        for each direction k, on the sequence read in order π_k (cross_scan):
+            x, B, C  = SiLU(conv1d_k(xBC))                its own causal depthwise convolution
+            y_k      = SSD(x, Δ, A_k, B, C) + D_k x,      Δ = softplus(dt + dt_bias_k),  A_k = -exp(A_log_k)
+            y_k      = RMSNorm(y_k ⊙ SiLU(z))             the gated norm, weight shared
+        y            = mean over k of y_k, each back at its cell (cross_merge)
+        out          = out_proj(y)
 
-    in_proj, the convolution and out_proj are shared by the directions, as in SS2D. Where the papers leave a choice,
-    the simplest one: Δ, B, C come straight from one linear map of x_k (SS2D's x_proj; SS2D adds a low-rank dt_proj,
-    Mamba-2 reads them from in_proj), one B/C group per direction, and Mamba-2's norms (RMSNorm, and its gated
-    RMSNorm(y ⊙ SiLU(z)) of SSD §7.1) in place of VMamba's LayerNorm(y) ⊙ SiLU(z)."""
+    With scan "bidirectional" (K = 2: row, row reversed) this is the released code's `Mamba2` with
+    bimamba_type="v2" (WenjunHuang94/mamba, mamba_ssm/modules/mamba2.py, `Mamba2.forward`): the backward direction's
+    conv1d_b, dt_bias_b, A_log_b, D_b on in_proj's output flipped along the sequence, flipped back, (out + out_b) / 2,
+    then out_proj. The K directions run as one SSD call: direction k's heads are heads k·nheads … (k+1)·nheads - 1 of
+    the call, reading their own B/C group, so each keeps its own A, dt_bias and D."""
 
-    def __init__(self, config, dim):
+    def __init__(self, config, orders):
+        """config: the Mamba2Config whose sizes the scans take; orders: a scan set, an order, or a list of orders."""
         super().__init__()
-        c = self.config = config
-        self.orders = c.orders
-        d_inner = c.expand * dim
-        if d_inner % c.headdim:
-            raise ValueError(f"ConnectorConfig: headdim={c.headdim} must divide d_inner = expand * vision width = "
-                             f"{c.expand} * {dim} = {d_inner}")
-        K, self.nheads = len(self.orders), d_inner // c.headdim
-        self.norm = RMSNorm(dim, c.norm_eps)
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)                             # [z, x]
-        self.conv2d = nn.Conv2d(d_inner, d_inner, c.d_conv, padding=c.d_conv // 2, groups=d_inner)
-        bound = 1 / math.sqrt(d_inner)                                                     # nn.Linear's init
-        self.x_proj = nn.Parameter(torch.empty(K, self.nheads + 2 * c.d_state, d_inner).uniform_(-bound, bound))
-        self.dt_bias = nn.Parameter(init_dt_bias(K, self.nheads))                          # (K, nheads) each
-        self.A_log = nn.Parameter(init_A_log(K, self.nheads))
-        self.D = nn.Parameter(torch.ones(K, self.nheads))
-        self.out_norm = GatedRMSNorm(d_inner, group_size=d_inner, eps=c.norm_eps)
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.config, self.orders = config, resolve_orders(orders)
+        c, K = config, len(self.orders)
+        self.in_proj = nn.Linear(c.d_model, c.d_inner + c.conv_dim + c.nheads, bias=c.bias)   # [z, x, B, C, dt]
+        # the K directions' convolutions side by side: channels k·conv_dim … (k+1)·conv_dim - 1 are direction k's
+        self.conv1d = nn.Conv1d(K * c.conv_dim, K * c.conv_dim, c.d_conv, groups=K * c.conv_dim, bias=c.conv_bias)
+        # as the released code, every direction starts from the first one's Δ and A (it clones them for the backward)
+        self.dt_bias = nn.Parameter(init_dt_bias(c.nheads).repeat(K, 1))                      # (K, nheads) each
+        self.A_log = nn.Parameter(init_A_log(c.nheads).repeat(K, 1))
+        self.D = nn.Parameter(torch.ones(K, c.nheads))
+        # eps: the LM's norm_eps, 1e-5 in the public configs, which is what the released code hard-codes here
+        self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_eps)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
 
     def forward(self, u):
-        """u (batch, H, W, dim) -> (batch, H, W, dim)."""
-        z, x = self.in_proj(self.norm(u)).chunk(2, dim=-1)                                # (batch, H, W, d_inner)
-        x = F.silu(self.conv2d(rearrange(x, "b h w c -> b c h w")))
-        y = self.scan(rearrange(x, "b c h w -> b h w c"))
-        return u + self.out_proj(self.out_norm(y, z))
-
-    def scan(self, x):
-        """SS2D's K-direction selective scan: x (batch, H, W, d_inner) -> y of the same shape."""
+        """u (batch, H, W, d_model) -> (batch, H, W, d_model)."""
         c, K = self.config, len(self.orders)
-        _, H, W, _ = x.shape
-        scan, merge, ssd = ((cross_scan, cross_merge, ssd_scan) if _use_kernels(x)
+        _, H, W, _ = u.shape
+        scan, merge, ssd = ((cross_scan, cross_merge, ssd_scan) if _use_kernels(u)
                             else (cross_scan_reference, cross_merge_reference, ssd_reference))
-        xs = scan(x, self.orders)                                                # (K, batch, H*W, d_inner)
-        dt, B, C = torch.split(torch.einsum("kbld,ked->kble", xs, self.x_proj),   # one batched matmul for all k
-                               [self.nheads, c.d_state, c.d_state], dim=-1)
-        # The K directions become K groups of heads of one SSD call (one launch): each head scans its own sequence
-        # anyway, and A, dt_bias and D are per head, so each direction keeps its own; heads of group k read B_k, C_k.
-        # (Folding them into the batch instead would make the directions share A, which the scan takes per head.)
-        y = ssd(rearrange(xs, "k b l (h p) -> b l (k h) p", p=c.headdim),       # (batch, H*W, K*nheads, headdim)
-                rearrange(dt, "k b l h -> b l (k h)"), -torch.exp(self.A_log.float()).flatten(),
-                rearrange(B, "k b l n -> b l k n"), rearrange(C, "k b l n -> b l k n"),
+        zxBCdt = scan(self.in_proj(u), self.orders)                             # (K, batch, H*W, d_in_proj)
+        z, xBC, dt = torch.split(zxBCdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        xBC = causal_conv1d(rearrange(xBC, "k b l c -> b l (k c)"), self.conv1d.weight, self.conv1d.bias)
+        x, B, C = torch.split(rearrange(xBC, "b l (k c) -> b l k c", k=K),
+                              [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        y = ssd(rearrange(x, "b l k (h p) -> b l (k h) p", p=c.headdim),       # (batch, H*W, K*nheads, headdim)
+                rearrange(dt, "k b l h -> b l (k h)"),
+                -torch.exp(self.A_log.float()).flatten(),                       # A_k < 0, (K*nheads,)
+                rearrange(B, "b l k (g n) -> b l (k g) n", g=c.ngroups),       # (batch, H*W, K*ngroups, d_state)
+                rearrange(C, "b l k (g n) -> b l (k g) n", g=c.ngroups),
                 chunk_size=c.chunk_size, D=self.D.flatten(), dt_bias=self.dt_bias.flatten(), dt_softplus=True)
-        ys = rearrange(y, "b l (k h) p -> k b l (h p)", k=K)                     # (K, batch, H*W, d_inner)
-        return merge(ys, self.orders, H, W)
+        y = self.norm(rearrange(y, "b l (k h) p -> k b l (h p)", k=K), z)      # (K, batch, H*W, d_inner)
+        return self.out_proj(merge(y, self.orders, H, W, reduce="mean"))
+
+
+class SwiGLU(nn.Module):
+    """w3(SiLU(w1 x) ⊙ w2 x) (Shazeer 2020, arXiv 2002.05202), all three d x d with biases: the SwiGLU of ML-Mamba's
+    Eq. 8, as the released code's `SwiGLU(dim, dim)` (WenjunHuang94/mamba, mamba_ssm/modules/block.py)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class MSCBlock(nn.Module):
+    """One block of the MSC: h = h + mixer(h), then h = h + SwiGLU(LayerNorm(h)). No norm before the mixer: the
+    released `Block.forward` for bimamba_type "v2" (mamba_ssm/modules/block.py of WenjunHuang94/mamba); its drop path
+    is 0 in both blocks (rates [0, 0, 0.1] indexed by block 0 and 1), so it is left out."""
+
+    def __init__(self, lm_config, orders, swiglu):
+        super().__init__()
+        self.mixer = Mamba2ScanMixer(lm_config, orders)
+        self.norm = nn.LayerNorm(lm_config.d_model) if swiglu else None
+        self.mlp = SwiGLU(lm_config.d_model) if swiglu else None
+
+    def forward(self, h):                                                       # (batch, H, W, d_model)
+        h = h + self.mixer(h)
+        return h if self.mlp is None else h + self.mlp(self.norm(h))
+
+
+class MambaScanConnector(nn.Module):
+    """ML-Mamba's MSC (§3.2.3): n_blocks MSCBlocks over the grid, then a final LayerNorm. The released code's
+    `Bidirectional_Mamba` (WenjunHuang94/mamba, mamba_ssm/models/mixer_seq_simple.py), which puts the SwiGLU of Eq. 8
+    inside each block after the scan (the paper writes one MSC, then one SwiGLU; we follow the code)."""
+
+    def __init__(self, lm_config, orders, n_blocks, swiglu):
+        super().__init__()
+        self.layers = nn.ModuleList(MSCBlock(lm_config, orders, swiglu) for _ in range(n_blocks))
+        self.norm_f = nn.LayerNorm(lm_config.d_model)
+        self._init_weights(n_blocks)
+
+    @torch.no_grad()
+    def _init_weights(self, n_blocks):
+        """The released `_init_weights(n_layer=2)`: zero biases, out_proj scaled by 1/√n_blocks."""
+        for name, p in self.named_parameters():
+            if name.endswith(".bias") and not name.endswith("conv1d.bias"):
+                p.zero_()
+            elif name.endswith("out_proj.weight"):
+                p /= math.sqrt(n_blocks)
+
+    def forward(self, h):
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm_f(h)
+
+
+def mlp_projector(in_dim, out_dim):
+    """Linear(in, 4·in) -> GELU -> Linear(4·in, out) -> GELU -> Linear(out, out), biases zero, weights xavier-normal:
+    the "three-layer MLP" of Eq. 6-8, the released `FusedMLPProjector` (WenjunHuang94/ML-Mamba,
+    mlmamba/util/nn_utils.py)."""
+    layers = nn.Sequential(nn.Linear(in_dim, 4 * in_dim), nn.GELU(), nn.Linear(4 * in_dim, out_dim), nn.GELU(),
+                           nn.Linear(out_dim, out_dim))
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return layers
 
 
 class Connector(nn.Module):
-    """The patch grid (batch, H, W, vision_dim) -> tokens for the LM (batch, H*W, lm_dim), in row-major patch order.
+    """The patch grid (batch, H, W, vision_dim) -> tokens for the LM (batch, H*W, d_model), in row-major patch order.
 
-        kind "mlp":   MLP(x)              LLaVA-1.5's projector, Prismatic's "gelu-mlp" (vision -> LM width -> LM width)
-        otherwise:    MLP(VSSBlock(x))    VL-Mamba's VSS-then-MLP connector; ML-Mamba's MSC then its MLP projector
-    MLP = Linear -> GELU -> Linear. One VSS block. ML-Mamba describes its MSC as the 2D scan followed by a SwiGLU
-    module; that is left out here, the simplest choice: the MLP after it already mixes the channels."""
+        kind "msc":      V_img = GELU(Linear(V))          `mlp`: the released code's first step, vision -> LM width
+                         V'    = MSC(V_img)               `msc`: n_blocks of scan + SwiGLU, final LayerNorm (Eq. 8)
+                         V_out = MLP(V')                  `projector`: the three-layer MLP at the LM width
+        kind "mlp":      V_out = MLP(V)                   Eq. 6: `projector` alone, from the vision width
+        kind "vss-mlp":  V_out = MLP(Norm(VSS(V) + V))    VL-Mamba (arXiv 2403.13600, §MultiModal Connector), VSS at
+                                                          the vision width, MLP = Linear -> GELU -> Linear
+        kind "vss-l2":   V' = Linear(V),  V_out = Linear(Norm(VSS(GELU(V')) + V'))
+    The parameter names are the released checkpoint's (`mlp`, `msc` for its `bidirectional_mamba`, `projector`).
+    VL-Mamba's VSS is one Mamba layer over the scanned grid; VL-Mamba ran Mamba-1 (S6) scans, here it is the same
+    Mamba2ScanMixer as the MSC's, and its Norm (which the paper leaves open) a LayerNorm."""
 
-    def __init__(self, config, vision_dim, lm_dim):
+    def __init__(self, config, vision_dim, lm_config):
         super().__init__()
         self.config, self.vision_dim = config, vision_dim
-        self.vss = None if config.kind == "mlp" else VSSBlock(config, vision_dim)
-        hidden = config.mlp_hidden or lm_dim
-        self.fc1 = nn.Linear(vision_dim, hidden)
-        self.fc2 = nn.Linear(hidden, lm_dim)
+        d, kind = lm_config.d_model, config.kind
+        if kind == "msc":
+            self.mlp = nn.Sequential(nn.Linear(vision_dim, d), nn.GELU())
+            self.msc = MambaScanConnector(lm_config, config.orders, config.n_blocks, config.swiglu)
+            self.projector = mlp_projector(d, d)
+        elif kind == "mlp":
+            self.projector = mlp_projector(vision_dim, d)
+        elif kind == "vss-mlp":
+            self.vss = Mamba2ScanMixer(_mixer_config(lm_config, vision_dim), config.orders)
+            self.norm = nn.LayerNorm(vision_dim)
+            self.projector = nn.Sequential(nn.Linear(vision_dim, d), nn.GELU(), nn.Linear(d, d))
+        else:                                                                   # "vss-l2"
+            self.linear1 = nn.Linear(vision_dim, d)
+            self.vss = Mamba2ScanMixer(lm_config, config.orders)
+            self.norm = nn.LayerNorm(d)
+            self.linear2 = nn.Linear(d, d)
 
     def forward(self, grid):
         if grid.dim() != 4 or grid.shape[-1] != self.vision_dim:
             raise ValueError(f"Connector: expected the patch grid (batch, H, W, {self.vision_dim}), got "
                              f"{tuple(grid.shape)}")
-        if self.vss is not None:
-            grid = self.vss(grid)
-        return self.fc2(F.gelu(self.fc1(rearrange(grid, "b h w c -> b (h w) c"))))
+        kind = self.config.kind
+        if kind == "msc":
+            out = self.projector(self.msc(self.mlp(grid)))
+        elif kind == "mlp":
+            out = self.projector(grid)
+        elif kind == "vss-mlp":
+            out = self.projector(self.norm(self.vss(grid) + grid))
+        else:
+            v = self.linear1(grid)
+            out = self.linear2(self.norm(self.vss(F.gelu(v)) + v))
+        return rearrange(out, "b h w c -> b (h w) c")
+
+
+_DIRECTION_PAIRS = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D")    # forward, then the released "_b"
+
+
+def connector_state_from_release(release):
+    """The released checkpoint's connector tensors (its `mlp`, `bidirectional_mamba` and `projector` entries, keys
+    prefixed by those names) -> our Connector's state dict for kind "msc", scan "bidirectional". A key map: the
+    backward direction's conv1d_b, dt_bias_b, A_log_b, D_b are stacked after the forward direction's, and the
+    projector loses the inner `.projector` of the released `FusedMLPProjector`. A missing direction is an error."""
+    state, missing = {}, []
+    for key, value in release.items():
+        name = key.replace("bidirectional_mamba.", "msc.", 1).replace("projector.projector.", "projector.", 1)
+        backward = next((p for p in _DIRECTION_PAIRS if name.endswith(f"mixer.{_backward_name(p)}")), None)
+        forward = next((p for p in _DIRECTION_PAIRS if name.endswith(f"mixer.{p}")), None)
+        if backward is not None:
+            continue                                                            # taken with its forward partner
+        if forward is not None:
+            partner = key[:-len(forward)] + _backward_name(forward)
+            if partner not in release:
+                missing.append(partner)
+                continue
+            pair = (value, release[partner])
+            value = torch.cat(pair) if forward.startswith("conv1d") else torch.stack(pair)
+        state[name] = value
+    missing += [k[:-len(_backward_name(p))] + p for k in release for p in _DIRECTION_PAIRS
+                if k.endswith(f"mixer.{_backward_name(p)}") and k[:-len(_backward_name(p))] + p not in release]
+    if missing:
+        raise ValueError(f"the released connector lacks one direction of {len(missing)} tensors: {', '.join(missing)}")
+    return state
+
+
+def _backward_name(name):
+    """The released name of the backward direction's copy: conv1d.weight -> conv1d_b.weight, dt_bias -> dt_bias_b."""
+    return name.replace("conv1d.", "conv1d_b.") if name.startswith("conv1d") else name + "_b"
+
+
+def _mixer_config(lm_config, width):
+    """The LM's Mamba-2 sizes at another width (VSS-MLP scans the vision features)."""
+    try:
+        return dataclasses.replace(lm_config, d_model=width)
+    except ValueError as e:
+        raise ValueError(f"Connector: kind 'vss-mlp' scans the vision features ({width} channels) with the LM's "
+                         f"Mamba-2 sizes: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -723,6 +868,8 @@ class MLMambaConfig:
     def __post_init__(self):
         if isinstance(self.vision, tuple):
             self.vision = list(self.vision)
+        if isinstance(self.vision, list) and not self.vision:
+            raise ValueError("MLMambaConfig: vision is an empty list; give one tower's config, or several to fuse")
 
     def to_dict(self):
         """Plain JSON types; `from_dict` gives back an equal config."""
@@ -754,6 +901,20 @@ def _from_fields(cls, fields):
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except TypeError as e:                                                   # a missing field
         raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+def _check_block_counts(config, state, config_path, weights):
+    """Each stack of blocks the config asks for (LM layers, vision blocks, MSC blocks) is in the weights."""
+    towers = config.vision if isinstance(config.vision, list) else [config.vision]
+    stacks = {"lm.layers": config.lm.n_layer}
+    for i, tower in enumerate(towers):
+        stacks[f"vision.towers.{i}.blocks" if isinstance(config.vision, list) else "vision.blocks"] = tower.depth
+    if config.connector.kind == "msc":
+        stacks["connector.msc.layers"] = config.connector.n_blocks
+    for prefix, wanted in stacks.items():
+        held = {k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")}
+        if wanted > len(held):
+            raise ValueError(f"{config_path}: {wanted} blocks in {prefix}, but {weights} holds only {len(held)}")
 
 
 def build_vision(config):
@@ -789,7 +950,7 @@ class MLMamba(nn.Module):
         super().__init__()
         self.config = config
         self.vision = build_vision(config.vision)
-        self.connector = Connector(config.connector, self.vision.out_dim, config.lm.d_model)
+        self.connector = Connector(config.connector, self.vision.out_dim, config.lm)
         self.lm = Mamba2LM(config.lm)
         self.gradient_checkpointing = False
 
@@ -959,7 +1120,7 @@ class MLMamba(nn.Module):
         with torch.device("meta"):
             model = cls(config)                                     # the skeleton: no memory, no init, replaced below
         model.vision, model.lm = vision, lm
-        model.connector = Connector(connector, vision.out_dim, lm.config.d_model).to(device=device, dtype=dtype)
+        model.connector = Connector(connector, vision.out_dim, lm.config).to(device=device, dtype=dtype)
         return model
 
     def save_pretrained(self, directory):
@@ -997,8 +1158,12 @@ class MLMamba(nn.Module):
         except ValueError as e:
             raise ValueError(f"{config_path}: {e}") from None
         state = _read_weights(weights)
-        with torch.device("meta"):
-            model = cls(config)
+        _check_block_counts(config, state, config_path, weights)         # first: a billion blocks take hours to build
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except (RuntimeError, TypeError) as e:                           # torch's errors for sizes past int64
+            raise ValueError(f"{config_path}: sizes too large to build ({str(e).splitlines()[0]})") from None
         _check_state_dict(model, state, f"{weights} does not fit the model of {config_path}")
         model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
         return model

@@ -14,7 +14,8 @@ sequence reads cell π(l). With K orders π_1 … π_K:
 - `register_scan`          adds an order: a small function (H, W) → π; `SCAN_ORDERS` holds them, `SCAN_SETS` names
                            the groups a connector uses ("cross": the 4 routes of SS2D, "bidirectional": forward + back).
 - `cross_scan_reference`, `cross_merge_reference`   the definitions above in PyTorch (index_select and a sum).
-- `cross_scan`, `cross_merge`   the same as Triton kernels, one pass over memory each, differentiable.
+- `cross_scan`, `cross_merge`   the same as Triton kernels, one pass over memory each, differentiable (on tensors off
+                           a GPU, without TRITON_INTERPRET=1, the references run, with a warning).
 - `draw_scans`             pictures of the orders (pillow); `python scan2d_kernel.py --draw cross --grid 6x8`.
 
 Layout: the grid is x (batch, H, W, channels); the sequences are ys (K, batch, H·W, channels). Direction-major, so
@@ -30,6 +31,8 @@ import triton
 import triton.language as tl
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
+
+from ssd_kernel import reference_off_gpu
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Scan orders: each a function (H, W) -> π, a LongTensor of length H·W; π[l] is the cell that position l reads.
@@ -319,18 +322,21 @@ class _CrossMerge(torch.autograd.Function):
         return _scan(dout, pos, ctx.scale), None, None
 
 
+@reference_off_gpu(cross_scan_reference)
 def cross_scan(x, orders):
     """Grid → K sequences with a Triton kernel, differentiable. Matches `cross_scan_reference`.
 
     x (batch, H, W, channels): float32, float16 or bfloat16, any strides; orders: a set name ("cross", "bidirectional"), an order
     name, or a list of order names. Returns ys (K, batch, H·W, channels), contiguous, in x's dtype: ys[k] is the
-    sequence for direction k. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1."""
+    sequence for direction k. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (elsewhere cross_scan_reference
+    runs, with a warning)."""
     batch, H, W, C = _check_grid(x, "cross_scan")
     _check_kernel_dtype(x, "cross_scan")
     pos = _scan_positions(orders, H, W, x.device)
     return _CrossScan.apply(rearrange(x, "b h w c -> b (h w) c"), pos)
 
 
+@reference_off_gpu(cross_merge_reference)
 def cross_merge(ys, orders, H, W, reduce="sum"):
     """K sequences → grid with a Triton kernel, differentiable. Matches `cross_merge_reference`.
 

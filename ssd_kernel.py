@@ -10,6 +10,8 @@ Per head, with a scalar decay rate A < 0, a step size Δ_t > 0, an input x_t ∈
 - `ssd_reference`  the chunked SSD algorithm of §6 in PyTorch: quadratic inside a chunk, linear across chunks.
 - `ssd_scan`       the same algorithm as Triton kernels, forward and backward (an autograd Function).
 - `ssd_step`       one step of the recurrence, for generation (Triton), beside `ssd_step_reference`.
+On tensors off a GPU, without TRITON_INTERPRET=1, `ssd_scan` and `ssd_step` run their references, warning once
+(`reference_off_gpu`, which scan2d_kernel.py and mixer_kernel.py use too).
 
 Shapes follow mamba_ssm's `mamba_chunk_scan_combined`:
     x (batch, seqlen, nheads, headdim)   dt (batch, seqlen, nheads)   A (nheads,)
@@ -17,13 +19,38 @@ Shapes follow mamba_ssm's `mamba_chunk_scan_combined`:
 Heads share B and C in groups: head h reads group h // (nheads // ngroups).
 Δ = softplus(dt + dt_bias) when dt_softplus, else dt + dt_bias.
 """
+import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from einops import rearrange, repeat
+
+
+_REFERENCE_RAN = set()                 # the entry points that have warned that their reference ran
+
+
+def reference_off_gpu(reference):
+    """Decorator for a kernel's public entry point: on tensors that are not on a GPU, with TRITON_INTERPRET unset,
+    Triton has no device to launch on, so `reference` (the PyTorch function beside the kernel, same arguments, same
+    results) runs instead, with a one-time warning saying so. On a GPU, or under TRITON_INTERPRET=1, the kernel runs."""
+    def wrap(kernel_fn):
+        @functools.wraps(kernel_fn)
+        def run(*args, **kwargs):
+            t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            if t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+                return kernel_fn(*args, **kwargs)
+            if kernel_fn.__name__ not in _REFERENCE_RAN:
+                _REFERENCE_RAN.add(kernel_fn.__name__)
+                warnings.warn(f"{kernel_fn.__name__}: the tensors are on the {t.device.type.upper()}, where Triton "
+                              f"cannot launch, so the PyTorch reference {reference.__name__} ran (same results); "
+                              f"set TRITON_INTERPRET=1 to run the Triton kernel under the interpreter", stacklevel=2)
+            return reference(*args, **kwargs)
+        return run
+    return wrap
 
 
 def _delta(dt, dt_bias, dt_softplus):
@@ -769,6 +796,7 @@ class _SSDScan(torch.autograd.Function):
         return dx, ddelta, da, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial
 
 
+@reference_off_gpu(ssd_reference)
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
              return_final_state=False):
     """The chunked SSD scan with Triton kernels, differentiable in every input. Matches `ssd_reference`.
@@ -776,7 +804,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
     x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,); B, C (batch, seqlen, ngroups, dstate);
     D (nheads,) or (nheads, headdim); dt_bias (nheads,); initial_state (batch, nheads, headdim, dstate).
     Returns y like x, and the final state (batch, nheads, headdim, dstate) in float32 when return_final_state.
-    chunk_size: a power of two ≥ 16. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1."""
+    chunk_size: a power of two ≥ 16. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1
+    (elsewhere ssd_reference runs)."""
     _check_inputs(x, dt, A, B, C, D, initial_state)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd_scan: chunk_size must be a power of two >= 16, got {chunk_size}")
@@ -882,6 +911,7 @@ def _ssd_step_kernel(
     tl.store(y_ptr + b * stride_y_b + h * stride_y_h + offs_p, y, mask=in_p)
 
 
+@reference_off_gpu(ssd_step_reference)
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
     """One token of the recurrence (Triton): updates `state` in place and returns y (batch, nheads, headdim).
 

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import faulthandler
 import functools
 import gc
 import json
@@ -80,7 +81,8 @@ class TrainConfig:
     # data
     data: str | None = option(None, "LLaVA-format JSON (or JSON Lines) to train on; default: the built-in shapes")
     images: str | None = option(None, "the folder that the records' image paths are relative to")
-    eval_data: str | None = option(None, "held-out LLaVA-format JSON; default: eval_samples records held out of --data")
+    eval_data: str | None = option(None, "held-out LLaVA-format JSON; default: eval_samples records (at most a "
+                                                "tenth) held out of --data")
     eval_samples: int = option(1000, "held-out records evaluated (and held out of --data when there is no --eval_data)")
     shapes_train: int = option(20_000, "built-in data: training records")
     shapes_test: int = option(1000, "built-in data: held-out records")
@@ -95,16 +97,22 @@ class TrainConfig:
     dinov2: str | None = option(None, "a DINOv2 folder fused in front of --vision (Prismatic's dinosiglip)")
     tokenizer: str | None = option(None, "tokenizer.json or sentencepiece .model; default: the one in --lm or --init, "
                                          "or one trained on the data for a from-scratch model")
-    connector: str = option("cross", "connector kind: mlp, bidirectional, cross, or scan order names")
+    connector: str = option("msc", "connector: msc (ML-Mamba's Mamba-2 Scan Connector), mlp (the MLP alone), "
+                                   "vss-mlp or vss-l2 (VL-Mamba's)")
+    scan: str = option("bidirectional", "the connector's scan directions: bidirectional, cross, or scan order names "
+                                        "from scan2d_kernel.py, comma-separated (row,snake)")
+    connector_blocks: int = option(2, "MSC blocks (scan + SwiGLU) in the msc connector")
+    connector_swiglu: bool = option(True, "the SwiGLU in each MSC block (Eq. 8); --no-connector_swiglu is Eq. 7")
     image_size: int = option(64, "from scratch: the vision encoder's input side in pixels")
     patch_size: int = option(8, "from scratch: ViT patch side; (image_size / patch_size)^2 visual tokens")
     vision_width: int = option(192, "from scratch: ViT width (heads of 64 channels)")
     vision_depth: int = option(4, "from scratch: ViT blocks")
     d_model: int = option(256, "from scratch: Mamba-2 width")
     n_layer: int = option(4, "from scratch: Mamba-2 blocks")
-    d_state: int = option(64, "SSD state size N: the connector's scans, and the LM's from scratch")
-    headdim: int = option(64, "SSD head dimension P: the connector's scans, and the LM's from scratch")
-    chunk_size: int = option(64, "SSD chunk length, a power of two >= 16: the connector's, and the LM's from scratch")
+    d_state: int = option(64, "from scratch: SSD state size N of the LM (and so of the connector's scans)")
+    headdim: int = option(64, "from scratch: SSD head dimension P of the LM (and of the connector's scans)")
+    chunk_size: int = option(64, "from scratch: SSD chunk length of the LM and the connector, a power of two, "
+                                 "16 to 4096")
     vocab_size: int = option(512, "from scratch: sentencepiece vocabulary (256 byte pieces included)")
     stage: str = option("full", "what trains: 'full' everything (from scratch), '1' the connector (vision and LM "
                                 "frozen), '2' connector and LM (vision frozen)")
@@ -130,15 +138,17 @@ class TrainConfig:
 
 
 PRESETS = {
-    # one H100: the defaults above; 64 px images, an 8 x 8 patch grid, a 4-block LM (an estimate: see README)
+    # one GPU: the defaults above; 64 px images, an 8 x 8 patch grid, a 4-block LM, the paper's connector (99.6%
+    # held-out in 6.1 min on an H200)
     "gpu": dict(shapes_train=50_000, steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=2500,
                 save_every=2500, num_workers=6),
-    # 2 CPU cores, a few minutes: 32 px images, one patch per quadrant, the MLP connector (a 2 x 2 grid has little to
-    # scan, and the MLP learns faster in the few steps a CPU has), 2-block towers; clearly above chance, not 90%
-    "cpu": dict(shapes_train=8000, shapes_test=500, shapes_image_size=32, image_size=32, patch_size=16, connector="mlp",
-                vision_width=64, vision_depth=2, d_model=64, n_layer=2, d_state=16, headdim=32, chunk_size=32,
-                vocab_size=320, steps=700, batch_size=128, micro_batch_size=128, lr=3e-3, min_lr=3e-4,
-                warmup_steps=50, eval_every=175, eval_samples=500, save_every=700, num_workers=0),
+    # 2 CPU cores, about 6 minutes: 32 px images on a 4 x 4 patch grid (each quadrant's object 2 x 2 patches, so the
+    # scan order matters), the paper's connector at the small LM's sizes, 2-block towers; about 53% held-out (chance
+    # 30%). At lr 3e-3 the MSC stays at chance for 300+ steps; 1e-3 starts learning after ~400.
+    "cpu": dict(shapes_train=8000, shapes_test=500, shapes_image_size=32, image_size=32, patch_size=8,
+                vision_width=64, vision_depth=2, d_model=64, n_layer=2, d_state=16, headdim=32, chunk_size=16,
+                vocab_size=320, steps=1000, batch_size=64, micro_batch_size=64, lr=1e-3, min_lr=1e-4,
+                warmup_steps=50, eval_every=250, eval_samples=500, save_every=1000, num_workers=0),
 }
 STAGES = {"full": ("vision", "connector", "lm"), "1": ("connector",), "2": ("connector", "lm")}
 
@@ -149,8 +159,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_preset = "gpu" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
-                        help="defaults for the sizes and schedule; explicit flags override them")
-    args = vars(add_flags(parser, TrainConfig).parse_args(argv))
+                        help=f"defaults for the sizes and schedule, shown below; explicit flags override them "
+                             f"(default: gpu where CUDA is available, else cpu; here {default_preset})")
+    args = vars(add_flags(parser, TrainConfig, PRESETS).parse_args(argv))
     preset = args.pop("preset")
     values = {**PRESETS[preset], **args}
     if args.get("resume"):
@@ -202,6 +213,18 @@ class Ranks:
     def main(self):
         """The rank that prints and writes files."""
         return self.rank == 0
+
+
+def arm_stack_dump():
+    """With STACK_DUMPS=<folder> in the environment (tests/bounded.py sets it), SIGUSR1 makes this process write
+    every thread's stack to <folder>/rank<RANK>.txt: a test whose ranks hang fails saying where each one waited."""
+    folder = os.environ.get("STACK_DUMPS")
+    if folder and hasattr(signal, "SIGUSR1"):
+        rank = os.environ.get("RANK", "0")
+        dump = open(Path(folder) / f"rank{rank}.txt", "w")          # faulthandler keeps it open
+        dump.write(f"rank {rank} of {os.environ.get('WORLD_SIZE', '1')}, pid {os.getpid()}\n")
+        dump.flush()
+        faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
 
 
 def setup_processes():
@@ -265,9 +288,13 @@ def write_shapes(c):
         splits = data.make_shapes(data.ShapesConfig(c.shapes_image_size, c.shapes_train, c.shapes_test, c.seed))
         tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        data.write_llava(splits["train"], tmp, "train")
-        data.write_llava(splits["test"], tmp, "test")
-        os.replace(tmp, folder)
+        try:
+            data.write_llava(splits["train"], tmp, "train")
+            data.write_llava(splits["test"], tmp, "test")
+            os.replace(tmp, folder)
+        except BaseException:                          # Ctrl-C, a full disk, ...: no half-written folder left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder / "train.json", folder / "test.json", folder
 
 
@@ -282,12 +309,16 @@ def load_data(c, ranks):
         if eval_json is not None:
             held_out = data.load_conversations(eval_json, images)[:c.eval_samples]
         else:                                          # a seeded random choice of records, left out of training
+            n = min(c.eval_samples, max(1, len(train) // 10))     # at most a tenth, so a small --data still trains
+            if n < c.eval_samples:
+                print0(ranks, f"data: holding out {n} of {data.plural(len(train), 'record')} for evaluation, a tenth "
+                              f"(fewer than --eval_samples {c.eval_samples}); --eval_data gives a held-out set")
             order = np.random.default_rng(c.seed).permutation(len(train))
-            held_out = [train[i] for i in sorted(order[:c.eval_samples])]
-            train = [train[i] for i in sorted(order[c.eval_samples:])]
+            held_out = [train[i] for i in sorted(order[:n])]
+            train = [train[i] for i in sorted(order[n:])]
             if not train:
-                raise ValueError(f"data: {train_json} holds {len(held_out)} records, all held out for evaluation "
-                                 f"(--eval_samples {c.eval_samples}); lower it or give --eval_data")
+                raise ValueError(f"data: {train_json} holds 1 record, which is held out for evaluation; give more "
+                                 f"records, or --eval_data")
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
     train = _drop_unreadable(train, images, c.strict_images, "training", ranks)
@@ -300,7 +331,8 @@ def _drop_unreadable(records, images, strict, split, ranks):
     bad = dict(data.find_unreadable_images(records, images))
     if bad and strict:
         listed = "\n  ".join(f"id {i!r}: {reason}" for i, reason in list(bad.items())[:data.MAX_LISTED])
-        raise TrainingError(f"data: {len(bad)} unreadable images in the {split} records (--strict_images):\n  {listed}")
+        raise TrainingError(f"data: {data.plural(len(bad), 'unreadable image')} in the {split} records "
+                            f"(--strict_images):\n  {listed}")
     if bad:
         print0(ranks, f"{split} {data.skip_summary(list(bad.items()))}")
     return [r for r in records if r["id"] not in bad]
@@ -350,9 +382,12 @@ def split_collate(collate, micro_batch_size, examples):
     return [collate(examples[i:i + micro_batch_size]) for i in range(0, len(examples), micro_batch_size)]
 
 
-def _ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint and stops them. A
+    terminal's Ctrl-C, `timeout` and job schedulers signal the whole process group: a worker that died of SIGTERM
+    would make the DataLoader raise in the middle of that checkpoint."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def batch_stream(dataset, c, ranks, start_step):
@@ -360,7 +395,7 @@ def batch_stream(dataset, c, ranks, start_step):
     sampler = data.ShardedBatchSampler(len(dataset), c.batch_size, c.seed, ranks.rank, ranks.world_size,
                                        start=start_step)
     return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=c.num_workers, worker_init_fn=_ignore_sigint,
+        dataset, batch_sampler=sampler, num_workers=c.num_workers, worker_init_fn=_ignore_stop_signals,
         collate_fn=functools.partial(split_collate, dataset.collate, c.micro_batch_size),
         pin_memory=ranks.device.type == "cuda"))
 
@@ -398,8 +433,8 @@ def scratch_config(c, vocab_size):
 
 
 def connector_config(c):
-    """The connector's scans sized as the LM's (kind "mlp" has none)."""
-    return ConnectorConfig(kind=c.connector, d_state=c.d_state, headdim=c.headdim, chunk_size=c.chunk_size)
+    """The connector's kind and scan directions; its scans take the LM's Mamba-2 sizes, as in the released code."""
+    return ConnectorConfig(kind=c.connector, scan=c.scan, n_blocks=c.connector_blocks, swiglu=c.connector_swiglu)
 
 
 def build_model(c, start, vocab_size, ranks):
@@ -469,11 +504,24 @@ def reshard(model):
 # 4. Optimisation
 
 
+# Parameters without weight decay, by name: mamba_ssm's `_no_weight_decay` (A_log, dt_bias, D), biases, the
+# per-channel scales of norms and of DINOv2's layer scale, and the ViT's class token. By name, not by shape: the
+# connector's A_log, dt_bias and D are (K, nheads) matrices, and decaying them would pull every direction's A and Δ
+# towards zero. (The position embeddings are decayed, as Prismatic's rule does for every tensor of 2 or more dims.)
+NO_DECAY_NAMES = ("bias", "dt_bias", "A_log", "D", "gamma1", "gamma2", "cls_token")
+
+
+def decays(name):
+    """Whether the parameter `name` (as named_parameters gives it) gets weight decay."""
+    *modules, leaf = name.split(".")
+    return leaf not in NO_DECAY_NAMES and not any("norm" in m for m in modules)
+
+
 def make_optimizer(model, c, device):
-    """AdamW; weight decay on matrices and embeddings, none on norms, biases and the SSM's A_log, D, dt_bias."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=c.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    """AdamW; weight decay on the weights of linear maps, convolutions and embeddings only (see `decays`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [dict(params=[p for n, p in named if decays(n)], weight_decay=c.weight_decay),
+              dict(params=[p for n, p in named if not decays(n)], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
 
 
@@ -722,8 +770,9 @@ class StopSignal:
 def train_step(model, micro_batches, optimizer, c, ranks, visual_tokens):
     """One optimizer step over this rank's micro-batches of the global batch. The loss is Σ token losses / (number
     of supervised tokens in the whole global batch), so gradients do not depend on how the batch is split. Returns
-    (loss, gradient norm, tokens the LM read on all ranks, visual ones included); the weights are not updated when
-    the loss or the gradient norm is not finite."""
+    (loss, gradient norm, tokens the LM read on all ranks, visual ones included, the names of the parameters whose
+    gradients are not finite on this rank); the weights are not updated when the loss or the gradient norm is not
+    finite."""
     n_tokens, positions = all_sum(
         [sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in micro_batches),
          sum(int(b["lengths"].sum()) + visual_tokens * int(b["has_image"].sum()) for b in micro_batches)], ranks)
@@ -740,10 +789,35 @@ def train_step(model, micro_batches, optimizer, c, ranks, visual_tokens):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
     loss = all_sum([float(loss_sum)], ranks)[0] / max(n_tokens, 1)
+    nonfinite = []
     if math.isfinite(loss) and math.isfinite(float(grad_norm)):
         optimizer.step()
+    else:
+        nonfinite = [name.removeprefix("module.") for name, p in model.named_parameters()
+                     if p.grad is not None and not bool(_local(p.grad).isfinite().all())]
     optimizer.zero_grad(set_to_none=True)
-    return loss, float(grad_norm), positions
+    return loss, float(grad_norm), positions, nonfinite
+
+
+def diverged_message(step, loss, grad_norm, nonfinite, c, out_dir):
+    """What stopped the run at a non-finite loss or gradient, where, and the command that continues or restarts it."""
+    where = (f"; not finite in the gradients of {data.plural(len(nonfinite), 'tensor')}: {', '.join(nonfinite[:6])}"
+             f"{' ...' if len(nonfinite) > 6 else ''}" if nonfinite else "")
+    last = latest_checkpoint(out_dir)
+    lower = f"--lr {c.lr / 2:g}"
+    if last:
+        advice = (f"the last good checkpoint is {last}; continue from it with a lower learning rate: python train.py "
+                  f"--out_dir {out_dir} --resume {lower} (or in float32: --precision fp32)")
+    else:
+        advice = (f"no checkpoint was saved yet (every {c.save_every} steps), so start again with a lower learning "
+                  f"rate: the same command with {lower} (or in float32: --precision fp32)")
+    return (f"step {step}: the loss is {loss} (gradient norm {grad_norm}){where}; stopped without updating the "
+            f"weights. {advice[0].upper()}{advice[1:]}")
+
+
+def _local(t):
+    """This rank's shard of an FSDP DTensor; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def run(c, ranks, preset):
@@ -769,7 +843,7 @@ def run(c, ranks, preset):
     held_out = data.ConversationDataset(eval_records, tokenizer, model.image_size, images, c.max_len,
                                         fill=model.vision.image_mean)
     baseline = majority_answers(train_records)
-    print0(ranks, f"data: {len(train_records)} training records, {len(eval_records)} held out")
+    print0(ranks, f"data: {data.plural(len(train_records), 'training record')}, {len(eval_records)} held out")
     print0(ranks, describe(model, c.stage))
     share = c.batch_size // ranks.world_size
     micro_batch_size = min(c.micro_batch_size, share)
@@ -808,13 +882,10 @@ def run(c, ranks, preset):
             skipped += [s for b in micro_batches for s in b["skipped"]]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(c, step)
-            loss, grad_norm, tokens = train_step(wrapped, micro_batches, optimizer, c, ranks, model.num_visual_tokens)
+            loss, grad_norm, tokens, nonfinite = train_step(wrapped, micro_batches, optimizer, c, ranks,
+                                                            model.num_visual_tokens)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                last = latest_checkpoint(out_dir)
-                raise TrainingError(
-                    f"step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); stopped without updating the "
-                    f"weights. The last good checkpoint is {last if last else 'none (none was saved yet)'}; continue "
-                    f"from it with a lower learning rate (--resume --lr ...) or in float32 (--precision fp32)")
+                raise TrainingError(diverged_message(step + 1, loss, grad_norm, nonfinite, c, out_dir))
             step += 1
             history["train"].append([step, loss])
             progress.update()
@@ -903,6 +974,7 @@ def plot_losses(history, path, steps, size=(900, 500)):
 
 def main(argv=None):
     """Train; returns dict(step, history, result, skipped). TrainingError for problems the user can fix."""
+    arm_stack_dump()
     config, preset = parse_args(argv)
     ranks = setup_processes()
     try:
@@ -924,4 +996,7 @@ if __name__ == "__main__":
     except TrainingError as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:                          # before or after the loop, or a second Ctrl-C inside it
+        print("train.py: interrupted (Ctrl-C); the latest checkpoint, if any, is whole", file=sys.stderr)
+        sys.exit(130)
 

@@ -22,6 +22,7 @@ layernorm: -2, the second-to-last block's output, as LLaVA and Prismatic take.
 """
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)    # DINOv2's normalisation
 
@@ -57,6 +58,25 @@ class VisionConfig:
     def __post_init__(self):
         if self.arch not in ("siglip", "dinov2"):
             raise ValueError(f"vision: arch must be 'siglip' or 'dinov2', got {self.arch!r}")
+        positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        sizes = {name: getattr(self, name)
+                 for name in ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "pos_grid")}
+        wrong = [f"{name}={v!r}" for name, v in sizes.items()
+                 if not (positive_int(v) or name == "pos_grid" and v is None)]
+        if wrong:
+            raise ValueError(f"vision: sizes must be positive integers, got {', '.join(wrong)}")
+        if self.feature_layer is not None and (not isinstance(self.feature_layer, int)
+                                               or isinstance(self.feature_layer, bool)):
+            raise ValueError(f"vision: feature_layer must be an integer or None, got {self.feature_layer!r}")
+        if not (number(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise ValueError(f"vision: norm_eps must be a number between 0 and 1, got {self.norm_eps!r}")
+        for name, fits, bounds in (("image_mean", lambda x: 0 <= x <= 1, "[0, 1]"),     # statistics of RGB in [0, 1]
+                                   ("image_std", lambda x: 0 < x <= 1, "(0, 1]")):
+            v = getattr(self, name)
+            if not (isinstance(v, (tuple, list)) and len(v) == 3 and all(number(x) and fits(x) for x in v)):
+                raise ValueError(f"vision: {name} must be 3 numbers in {bounds}, got {v!r}")
+            setattr(self, name, tuple(float(x) for x in v))
         if self.width % self.heads:
             raise ValueError(f"vision: heads={self.heads} must divide width={self.width}")
         if self.image_size < self.patch_size:
@@ -274,32 +294,53 @@ _HF_DEFAULTS = {
 _IGNORED = {"siglip": ("text_model.", "logit_scale", "logit_bias", "head."), "dinov2": ("embeddings.mask_token",)}
 
 
+def _read_json(file):
+    """A JSON object from file; ValueError naming the file when it is not one."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:          # not UTF-8 or JSON, nested too deep, a 4300-digit number
+        raise ValueError(f"vision: {file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"vision: {file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def _read_config(directory, image_size, feature_layer):
     """VisionConfig from an HF folder's config.json (and preprocessor_config.json for mean, std and input size)."""
     file = directory / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"vision: {file} not found; expected a Hugging Face model folder (config.json and "
                                 f"model.safetensors) of a SigLIP or DINOv2 model")
-    raw = json.loads(file.read_text())
+    raw = _read_json(file)
     model_type = raw.get("model_type")
     if model_type not in ("siglip", "siglip_vision_model", "dinov2"):
         raise ValueError(f"vision: {file} has model_type {model_type!r}; supported: 'siglip' (SiglipModel), "
                          f"'siglip_vision_model' (SiglipVisionModel), 'dinov2' (Dinov2Model)")
     arch = "dinov2" if model_type == "dinov2" else "siglip"
-    hf = {**_HF_DEFAULTS[arch], **(raw.get("vision_config", {}) if model_type == "siglip" else raw)}
+    processor = directory / "preprocessor_config.json"
+    p = _read_json(processor) if processor.is_file() else {}
+    try:
+        return _vision_config(arch, raw.get("vision_config", {}) if model_type == "siglip" else raw, p, image_size,
+                              feature_layer)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:    # values of the wrong type or size
+        files = f"{file} or {processor.name}" if p else file
+        raise ValueError(f"vision: {files}: {str(e).removeprefix('vision: ')}") from None
+
+
+def _vision_config(arch, fields, p, image_size, feature_layer):
+    """VisionConfig from the HF config's fields (`vision_config` of a SiglipModel) and its preprocessor config p."""
+    hf = {**_HF_DEFAULTS[arch], **fields}
     expected = {"num_channels": 3, "hidden_act": _HF_DEFAULTS[arch]["hidden_act"]}
     if arch == "dinov2":
         expected.update(qkv_bias=True, use_swiglu_ffn=False)                 # dinov2-giant's SwiGLU is not supported
     for key, value in expected.items():
         if hf[key] != value:
-            raise ValueError(f"vision: {file}: {key}={hf[key]!r} is not supported (only {value!r})")
+            raise ValueError(f"{key}={hf[key]!r} is not supported (only {value!r})")
     width = hf["hidden_size"]
     mlp_dim = hf["intermediate_size"] if arch == "siglip" else int(width * hf["mlp_ratio"])
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if arch == "dinov2" else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     native_size = hf["image_size"]                                           # what the position embeddings cover
-    processor = directory / "preprocessor_config.json"
-    if processor.is_file():                                                  # the checkpoint's own input size and stats
-        p = json.loads(processor.read_text())
+    if p:                                                                    # the checkpoint's own input size and stats
         mean, std = p.get("image_mean", mean), p.get("image_std", std)
         size = p.get("crop_size") if p.get("do_center_crop") else p.get("size")
         if isinstance(size, dict) and "height" in size:
@@ -322,17 +363,31 @@ def _read_tensors(directory, arch):
     if (directory / "model.safetensors").is_file():
         files, source = [directory / "model.safetensors"], directory / "model.safetensors"
     elif index.is_file():
-        files, source = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()}), index
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"vision: {index}: no 'weight_map' from tensor names to file names")
+        files, source = sorted({directory / f for f in weight_map.values()}), index
     elif (directory / "pytorch_model.bin").is_file():
         source = directory / "pytorch_model.bin"
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:                         # refused (not only tensors), truncated, corrupt: many kinds
+            raise ValueError(f"vision: {source}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"vision: {source}: expected a state dict {{name: tensor}}, got {type(state).__name__}")
         return {short: state[name] for name, short in vision_names(state)}, source
     else:
         raise FileNotFoundError(f"vision: no model.safetensors (or its shards, or pytorch_model.bin) in {directory}")
     tensors = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            tensors.update({short: f.get_tensor(name) for name, short in vision_names(f.keys())})
+        if not file.is_file():
+            raise FileNotFoundError(f"vision: {file}, a shard that {source} lists, not found")
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensors.update({short: f.get_tensor(name) for name, short in vision_names(f.keys())})
+        except SafetensorError as e:
+            raise ValueError(f"vision: {file}: not a readable safetensors file, truncated or corrupt? ({e})") from None
     return tensors, source
 
 
@@ -426,8 +481,16 @@ def _load_tower(path, image_size, feature_layer, dtype, device):
         raise FileNotFoundError(f"vision: {directory} is not a directory; expected a local Hugging Face model folder")
     config = _read_config(directory, image_size, feature_layer)
     tensors, source = _read_tensors(directory, config.arch)
-    with torch.device("meta"):                                                # no memory, no random init
-        model = VisionEncoder(config)
+    blocks = {m.group(1) for m in map(re.compile(r"encoder\.layers?\.(\d+)\.").match, tensors) if m}
+    if config.depth > len(blocks):                     # checked first: a billion blocks would take hours to build
+        raise ValueError(f"vision: {directory / 'config.json'} has {config.depth} blocks, but {source} holds only "
+                         f"{len(blocks)}")
+    try:
+        with torch.device("meta"):                                            # no memory, no random init
+            model = VisionEncoder(config)
+    except (RuntimeError, TypeError) as e:                                    # torch's, for sizes past int64
+        raise ValueError(f"vision: {directory / 'config.json'}: sizes too large to build "
+                         f"({str(e).splitlines()[0]})") from None
     model.load_state_dict(_convert(model, tensors, source), assign=True)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -38,6 +38,8 @@ import pytest
 import torch
 import triton
 
+from bounded import arm_stack_dump, run_bounded
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_MODULES = ("ssd_kernel", "scan2d_kernel", "mixer_kernel")   # each launched kernel (a global named *_kernel) needs a scenario
 TARGETS = {90: 232448}       # compute capability -> shared memory one block may opt into: 227 KiB on sm_90 (H100, H200)
@@ -117,15 +119,15 @@ def ssd_scan_mamba2_fp32():
 
 @scenario()
 def connector_gpu_preset_bf16():
-    """The connector of train.py's GPU preset as VSSBlock.scan runs it, forward and backward at micro-batch 128: an
-    8x8 grid of d_inner = 384 channels read in the 4 "cross" orders, one SSD (headdim 64, dstate 64, chunk 64) with a
-    group of 6 heads per order, which makes the dB/dC programs walk 2 heads each, and the merge back onto the grid."""
+    """The MSC mixer of train.py's GPU preset as Mamba2ScanMixer runs it, forward and backward at micro-batch 128:
+    the in_proj output of an 8x8 grid (d_model 256: 512 + 640 + 8 channels) read in the 2 "bidirectional" orders,
+    one SSD (headdim 64, dstate 64, chunk 64) with a group of 8 heads per order, and the mean back onto the grid."""
     from scan2d_kernel import cross_merge, cross_scan
-    batch, H, W, d_inner, K = 128, 8, 8, 384, 4
-    grid = torch.randn(batch, H, W, d_inner, dtype=torch.bfloat16, requires_grad=True)
-    xs = cross_scan(grid, "cross")                                                   # (K, batch, H*W, d_inner)
-    _ssd_train_step(_ssd_inputs(torch.bfloat16, batch, H * W, K * d_inner // 64, 64, 64, ngroups=K), chunk=64)
-    out = cross_merge(xs, "cross", H, W)
+    batch, H, W, K = 128, 8, 8, 2
+    grid = torch.randn(batch, H, W, 512 + 640 + 8, dtype=torch.bfloat16, requires_grad=True)
+    ys = cross_scan(grid, "bidirectional")                                           # (K, batch, H*W, d_in_proj)
+    _ssd_train_step(_ssd_inputs(torch.bfloat16, batch, H * W, K * 512 // 64, 64, 64, ngroups=K), chunk=64)
+    out = cross_merge(ys[..., :512], "bidirectional", H, W, "mean")
     torch.autograd.grad(out, grid, torch.randn_like(out))
 
 
@@ -304,7 +306,8 @@ def compile_all(specs_path, results_path):
     """Entry point of the subprocess: compiles every job of the specs in specs_path, results to results_path."""
     with open(specs_path) as f:
         jobs = _jobs(json.load(f))
-    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count()), mp_context=get_context("fork")) as pool:
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count()), mp_context=get_context("fork"),
+                             initializer=arm_stack_dump, initargs=("compile worker",)) as pool:
         results = list(pool.map(_compile, jobs))
     with open(results_path, "w") as f:
         json.dump([dict(spec=spec, options=options, capability=capability, launch=launch, **result)
@@ -327,8 +330,8 @@ def compiled(recorded, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")      # an empty cache: every kernel really compiles, ptxas reports
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, str(tmp / "specs.json"), str(tmp / "results.json")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = run_bounded([sys.executable, __file__, str(tmp / "specs.json"), str(tmp / "results.json")], 900,
+                       "the compile subprocess and its pool", cwd=ROOT, env=env)
     assert done.returncode == 0, f"the compile subprocess failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     results = json.loads((tmp / "results.json").read_text())
     print(f"\n{len(specs)} distinct launches, {len(results)} compiles in {time.perf_counter() - start:.1f} s\n"
@@ -404,4 +407,5 @@ def test_every_launch_fits_a_block(compiled):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
+    arm_stack_dump("compile")
     compile_all(*sys.argv[1:])

@@ -2,10 +2,12 @@
 precision / recall / F1 / yes-ratio, multiple-choice letters), the public file formats, the whole run from files to
 table and JSON with known predictions, its batched answers against generate.py's single runs, and bad input."""
 import importlib
+import io
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,10 +183,34 @@ def test_run_with_known_predictions(run_dir, benchmark_files, tmp_path, monkeypa
     assert [p["score"] for p in report["results"][2]["predictions"]] == [1.0, 0.0, 1.0]
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["data", "task", "n", "accuracy", "other", "metrics"]
-    assert printed[1].split() == ["coco_pope_random.json", "pope", "4", "50.00", "precision", "50.00", "recall",
-                                  "50.00", "f1", "50.00", "yes_ratio", "50.00"]
-    assert printed[3].split() == ["mc.jsonl", "mc", "3", "66.67", "no_option", "0"]
+    assert printed[0].split() == ["data", "task", "questions", "accuracy", "other", "metrics"]
+    assert printed[1].split() == ["coco_pope_random.json", "pope", "4", "50.00%", "precision", "50.00%", "recall",
+                                  "50.00%", "f1", "50.00%", "yes_ratio", "50.00%"]
+    assert printed[3].split() == ["mc.jsonl", "mc", "3", "66.67%", "no_option", "0", "of", "3"]
+
+
+def test_results_go_beside_the_checkpoint(run_dir, benchmark_files, tmp_path, monkeypatch):  # noqa: F811
+    """No --out: eval.json in the checkpoint's out_dir, not the current directory; out/eval.json where that out_dir
+    cannot be written. The log names the file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, "predict", lambda model, tokenizer, items, *args, **kwargs: ["yes"] * len(items))
+    config = ev.EvalConfig(data=[str(benchmark_files["pope"])], ckpt=str(run_dir),
+                           images=str(benchmark_files["folder"]), dtype="fp32")
+    log = io.StringIO()
+    report = ev.run(config, log=log)
+    assert json.loads((run_dir / "eval.json").read_text()) == json.loads(json.dumps(report))
+    assert not (tmp_path / "eval.json").exists()
+    assert f"metrics and every prediction in {run_dir / 'eval.json'}" in log.getvalue()
+    (run_dir / "eval.json").unlink()
+
+    def read_only_run_dir(path, *args, write_text=Path.write_text, **kwargs):
+        if path.parent == run_dir:
+            raise PermissionError(13, "Permission denied", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only_run_dir)
+    ev.run(config)
+    assert (tmp_path / "out" / "eval.json").is_file() and not (run_dir / "eval.json").exists()
 
 
 def test_batched_answers_equal_generate_single_runs(run_dir, benchmark_files, tmp_path):  # noqa: F811

@@ -30,7 +30,7 @@ QUESTIONS = ["What colour is the circle?", "How many shapes are there in the pic
 def tiny_config(vocab_size):
     return MLMambaConfig(
         vision=VisionConfig(image_size=S, patch_size=4, width=32, depth=2, heads=2, mlp_dim=64, feature_layer=None),
-        connector=ConnectorConfig(kind="cross", d_state=8, headdim=8, chunk_size=16),
+        connector=ConnectorConfig(scan="cross"),
         lm=Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab_size, d_state=16, headdim=8, chunk_size=16))
 
 

@@ -3,7 +3,7 @@ random inputs whose sizes do not divide the kernels' blocks; the conv step again
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, check_references_run_off_gpu
 from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
                           rms_norm_reference)
 
@@ -108,3 +108,13 @@ def test_conv_step_equals_the_reference_from_a_full_state():
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="conv_state must be"):
         conv_step(x, state[..., :3], weight, b)
+
+
+def test_cpu_tensors_without_the_interpreter_run_the_references():
+    """The three entry points on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
+    setup = ("x, z, r = (torch.randn(3, 64) for _ in range(3))\n"
+             "w, state, cw = torch.randn(64), torch.randn(3, 64, 4), torch.randn(64, 1, 4)")
+    check_references_run_off_gpu("mixer_kernel", setup, {
+        "rms_norm": ("rms_norm_reference", "x, w, 1e-5, residual=r"),
+        "gated_rms_norm": ("gated_rms_norm_reference", "x, z, w, 16, 1e-5"),
+        "conv_step": ("conv_step_reference", "x, state.clone(), cw, w")})

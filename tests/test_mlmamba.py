@@ -18,12 +18,12 @@ S = 20                                                # 20 px images, 4 px patch
 V = 25
 
 
-def tiny_config(kind="cross", fused=False):
+def tiny_config(scan="cross", fused=False):
     tower = dict(image_size=S, patch_size=4, width=32, depth=2, heads=2, mlp_dim=48)
     siglip = VisionConfig(arch="siglip", **tower)
     vision = [VisionConfig(arch="dinov2", image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **tower), siglip]
     return MLMambaConfig(vision=vision if fused else siglip,
-                         connector=ConnectorConfig(kind=kind, d_state=8, headdim=8, chunk_size=16),
+                         connector=ConnectorConfig(scan=scan),
                          lm=Mamba2Config(d_model=32, n_layer=2, vocab_size=VOCAB, pad_vocab_size_multiple=8,
                                          d_state=16, headdim=8, chunk_size=16))
 
@@ -117,7 +117,7 @@ def test_loss_is_cross_entropy_on_the_supervised_positions():
     torch.testing.assert_close(out.loss_sum.double(), torch.stack(terms).sum(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss.double(), torch.stack(terms).mean(), rtol=1e-4, atol=1e-4)
     out.loss.backward()
-    assert model.connector.fc2.weight.grad.abs().sum() > 0 and model.lm.embedding.weight.grad.abs().sum() > 0
+    assert model.connector.projector[4].weight.grad.abs().sum() > 0 and model.lm.embedding.weight.grad.abs().sum() > 0
 
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)                 # nothing supervised: loss 0, not nan
     empty = model(**{**batch, "labels": labels})
@@ -194,7 +194,7 @@ def test_config_round_trips_through_json():
 
 def test_save_and_load_round_trip(tmp_path):
     """Bit-exact, fused towers included; saving again replaces the checkpoint and leaves no temporary folders."""
-    model = tiny_model(seed=4, kind="bidirectional", fused=True)
+    model = tiny_model(seed=4, scan="bidirectional", fused=True)
     batch = batch_of_three(seed=4)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = MLMamba.load_pretrained(tmp_path / "ckpt", device=DEVICE)
@@ -207,14 +207,14 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
     with torch.no_grad():
-        model.connector.fc2.bias.add_(1)
+        model.connector.projector[4].bias.add_(1)
     (tmp_path / "ckpt" / "stale.txt").write_text("from an earlier run")
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     again = MLMamba.load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert again.connector.fc2.bias.dtype == torch.bfloat16
-    assert torch.equal(again.connector.fc2.bias, model.connector.fc2.bias.cpu().to(torch.bfloat16))
+    assert again.connector.projector[4].bias.dtype == torch.bfloat16
+    assert torch.equal(again.connector.projector[4].bias, model.connector.projector[4].bias.cpu().to(torch.bfloat16))
 
 
 def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
@@ -222,7 +222,7 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     state = load_file(weights)
-    del state["connector.vss.x_proj"]
+    del state["connector.msc.layers.0.mixer.A_log"]
     state["connector.extra"] = torch.zeros(2)
     state["lm.layers.0.mixer.D"] = torch.zeros(3)
     state["lm.norm_f.weight"] = state["lm.norm_f.weight"].to(torch.int64)
@@ -231,7 +231,7 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
         MLMamba.load_pretrained(tmp_path)
     message = str(err.value)
     assert "model.safetensors does not fit the model of" in message and "config.json" in message
-    assert "missing (1): connector.vss.x_proj" in message
+    assert "missing (1): connector.msc.layers.0.mixer.A_log" in message
     assert "unexpected (1): connector.extra" in message
     assert "wrong shape (1): lm.layers.0.mixer.D (3,) (expected (8,))" in message
     assert "wrong dtype, not floating point (1): lm.norm_f.weight torch.int64" in message
@@ -240,9 +240,9 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
         MLMamba.load_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["connector"]["kind"] = "spiral"
+    config["connector"]["scan"] = "spiral"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config.json: ConnectorConfig: kind='spiral'"):
+    with pytest.raises(ValueError, match=r"config.json: ConnectorConfig: scan='spiral'"):
         MLMamba.load_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json: no such config file"):
@@ -279,7 +279,7 @@ def test_from_pretrained_matches_transformers(hf_checkpoints):
     """The LM gives transformers' Mamba2 logits on text; the visual tokens are the new connector applied to the
     concatenated second-to-last hidden states of transformers' DINOv2 and SigLIP, normalised as their processors do."""
     c = hf_checkpoints
-    connector = ConnectorConfig(kind="cross", d_state=8, headdim=8, chunk_size=16)
+    connector = ConnectorConfig(scan="cross")
     model = MLMamba.from_pretrained(c["lm"], c["siglip"], connector, dinov2_path=c["dinov2"], device=DEVICE)
     assert model.config.lm == load_mamba2(c["lm"]).config and model.config.connector == connector
     assert [v.arch for v in model.config.vision] == ["dinov2", "siglip"]
@@ -298,7 +298,7 @@ def test_from_pretrained_matches_transformers(hf_checkpoints):
         torch.testing.assert_close(model.encode_images(pixels.to(DEVICE)), expected, rtol=1e-4, atol=1e-4)
 
     single = MLMamba.from_pretrained(c["lm"], c["siglip"], ConnectorConfig(kind="mlp"))
-    assert single.config.vision == load_vision(c["siglip"]).config and single.connector.vss is None
+    assert single.config.vision == load_vision(c["siglip"]).config and not hasattr(single.connector, "msc")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DEVICE
+from conftest import DEVICE, check_references_run_off_gpu
 from scan2d_kernel import (SCAN_ORDERS, SCAN_SETS, cross_merge, cross_merge_reference, cross_scan,
                            cross_scan_reference, draw_scans, main, register_scan, resolve_orders, snake)
 
@@ -177,3 +177,13 @@ def test_kernels_at_connector_scale(H, C):
     assert torch.equal(ys, cross_scan_reference(x, "cross"))
     torch.testing.assert_close(cross_merge(ys, "cross", H, H, "mean"), x, rtol=0, atol=0)
     torch.testing.assert_close(cross_merge(ys, "cross", H, H), cross_merge_reference(ys, "cross", H, H))
+
+
+def test_cpu_tensors_without_the_interpreter_run_the_references():
+    """README's exercise on a CPU: cross_scan(x, ["row", "diagonal"]) runs the reference (saying so), not a crash."""
+    setup = ("register_scan('diagonal')(lambda H, W: torch.tensor(sorted(range(H * W),\n"
+             "                                                       key=lambda g: (g // W + g % W, g // W))))\n"
+             "x, ys = torch.randn(2, 3, 5, 4), torch.randn(2, 2, 15, 4)")
+    check_references_run_off_gpu("scan2d_kernel", setup, {
+        "cross_scan": ("cross_scan_reference", "x, ['row', 'diagonal']"),
+        "cross_merge": ("cross_merge_reference", "ys, ['row', 'diagonal'], 3, 5, 'mean'")})

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ssd_kernel
-from conftest import DEVICE
+from conftest import DEVICE, check_references_run_off_gpu
 from ssd_kernel import ssd_naive, ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
@@ -182,13 +182,25 @@ def test_step_softplus_precision():
 
 
 def test_bad_inputs_are_named():
-    inp = {k: v.float() if v is not None else None for k, v in make_inputs(seqlen=5, ngroups=2).items()}
+    inp = {k: v.float().to(DEVICE) if v is not None else None for k, v in make_inputs(seqlen=5, ngroups=2).items()}
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
         call(ssd_scan, inp, chunk_size=24)
     with pytest.raises(ValueError, match="exactly one of A and A_log"):
-        ssd_step(torch.zeros(2, 4, 8, 16), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
-                 A_log=inp["A"])
+        ssd_step(torch.zeros(2, 4, 8, 16, device=DEVICE), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0],
+                 inp["C"][:, 0], A_log=inp["A"])
     with pytest.raises(ValueError, match="B has shape"):
         call(ssd_reference, {**inp, "B": inp["B"][:, :4]})
     with pytest.raises(ValueError, match="ngroups=3 must divide nheads=4"):
-        call(ssd_naive, {**inp, "B": torch.randn(2, 5, 3, 16), "C": torch.randn(2, 5, 3, 16)})
+        bad = torch.randn(2, 5, 3, 16, device=DEVICE)
+        call(ssd_naive, {**inp, "B": bad, "C": bad})
+
+
+def test_cpu_tensors_without_the_interpreter_run_the_references():
+    """ssd_scan and ssd_step on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
+    setup = ("x, dt, A, D = torch.randn(2, 37, 4, 16), torch.randn(2, 37, 4), -torch.rand(4) - 0.5, torch.randn(4)\n"
+             "B, C, state = torch.randn(2, 37, 2, 16), torch.randn(2, 37, 2, 16), torch.randn(2, 4, 16, 16)")
+    check_references_run_off_gpu("ssd_kernel", setup, {
+        "ssd_scan": ("ssd_reference", "x, dt, A, B, C, 16, D=D, dt_softplus=True, initial_state=state, "
+                                      "return_final_state=True"),
+        "ssd_step": ("ssd_step_reference", "state.clone(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=D, "
+                                           "dt_softplus=True")})

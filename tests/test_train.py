@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 import data
 import train
+from bounded import Bounded, _processes, run_bounded
 from conftest import DEVICE
 from mlmamba import MLMamba
 from tokenizer import load_tokenizer
@@ -81,6 +83,58 @@ def test_flags_are_the_config_fields_and_override_the_preset():
         train.parse_args(["--lm", "somewhere"])
 
 
+def test_help_shows_each_presets_values(capsys):
+    """--help shows what the presets run with, not unused dataclass defaults, and a % in a help text stays a %."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())                     # argparse wraps lines
+    gpu, cpu = train.PRESETS["gpu"]["steps"], train.PRESETS["cpu"]["steps"]
+    assert f"optimizer steps (preset gpu: {gpu}, cpu: {cpu})" in shown
+    assert f"(default: {train.TrainConfig.steps})" not in shown
+    assert "~30% slower" in shown and "{'option_strings'" not in shown
+
+
+def test_both_presets_train_the_papers_connector_on_a_grid_where_order_matters():
+    """The runs the README leads with use ML-Mamba's MSC (bidirectional, 2 blocks), on grids big enough that a scan
+    order changes what precedes what: on a 4 x 4 grid "row" and a student's "diagonal" order differ."""
+    from scan2d_kernel import scan_permutation
+    for preset in ("cpu", "gpu"):
+        config, _ = train.parse_args(["--preset", preset])
+        connector = train.connector_config(config)
+        assert (connector.kind, connector.orders, connector.n_blocks) == ("msc", ("row", "row_reverse"), 2), preset
+        side = config.image_size // config.patch_size
+        assert side >= 4, preset
+        diagonal = torch.tensor(sorted(range(side * side), key=lambda g: (g // side + g % side, g // side)))
+        assert not torch.equal(diagonal, scan_permutation("row", side, side))
+
+
+def test_weight_decay_is_chosen_by_name():
+    """As mamba_ssm and the released recipe: decay on the weights of linear maps, convolutions and embeddings; none
+    on biases, norms (LayerNorm, RMSNorm, the gated norm), DINOv2's layer scale, or the SSMs' A_log, dt_bias and D,
+    whatever their shape: the connector's are (K, nheads) matrices."""
+    config, _ = train.parse_args(["--preset", "cpu", "--connector", "msc", "--scan", "cross"])
+    model = train.MLMamba(train.scratch_config(config, vocab_size=64))
+    optimizer = train.make_optimizer(model, config, torch.device("cpu"))
+    decayed, plain = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == config.weight_decay > 0
+    assert optimizer.param_groups[1]["weight_decay"] == 0
+    names = dict(model.named_parameters())
+    for name in ("connector.msc.layers.0.mixer.A_log", "connector.msc.layers.1.mixer.dt_bias",
+                 "connector.msc.layers.0.mixer.D", "lm.layers.0.mixer.A_log",
+                 "connector.msc.layers.0.mixer.norm.weight",
+                 "connector.msc.layers.0.norm.weight", "connector.msc.norm_f.bias", "lm.norm_f.weight",
+                 "vision.blocks.0.norm1.weight", "connector.projector.0.bias", "lm.layers.1.mixer.conv1d.bias"):
+        assert id(names[name]) in plain, name
+    assert names["connector.msc.layers.0.mixer.A_log"].dim() == 2
+    for name in ("connector.msc.layers.0.mixer.in_proj.weight", "connector.msc.layers.0.mixer.conv1d.weight",
+                 "connector.msc.layers.0.mlp.w3.weight", "lm.embedding.weight", "vision.blocks.0.attn.qkv.weight"):
+        assert id(names[name]) in decayed, name
+    assert len(decayed) + len(plain) == len(names)
+    for name in ("vision.towers.0.cls_token", "vision.towers.0.blocks.1.gamma1", "vision.towers.0.blocks.0.gamma2"):
+        assert not train.decays(name), name                               # DINOv2's, in a fused encoder
+    assert train.decays("vision.towers.0.pos_embed") and train.decays("vision.towers.1.blocks.0.mlp.fc1.weight")
+
+
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr():
     c = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
     lrs = [train.learning_rate(c, s) for s in range(c.steps)]
@@ -132,7 +186,9 @@ def test_loss_and_update_do_not_depend_on_the_micro_batch_split(tiny_setup):
         model.load_state_dict(initial)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         micro_batches = train.split_collate(dataset.collate, size, examples)
-        loss, grad_norm, _ = train.train_step(model, micro_batches, optimizer, config, ranks, model.num_visual_tokens)
+        loss, grad_norm, _, nonfinite = train.train_step(model, micro_batches, optimizer, config, ranks,
+                                                         model.num_visual_tokens)
+        assert nonfinite == []
         results.append((loss, grad_norm, {k: v.clone() for k, v in model.state_dict().items()}))
     (loss_a, norm_a, weights_a), (loss_b, norm_b, weights_b) = results
     assert loss_a == pytest.approx(whole, rel=1e-5) and loss_b == pytest.approx(loss_a, rel=1e-5)
@@ -202,20 +258,26 @@ def test_resume_equals_an_uninterrupted_run_step_for_step(tmp_path, monkeypatch)
         assert_same(b[name], a[name])
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group"])
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, to_group):
+    """SIGTERM to train.py alone, or to its whole process group with DataLoader workers running (as `timeout`, a
+    terminal's Ctrl-C or a job scheduler send it): the workers leave the signal to the main process, which saves."""
     out_dir = tmp_path / "out"
     command = [sys.executable, "train.py", "--out_dir", str(out_dir), *TINY, "--steps", "100000",
-               "--save_every", "100000", "--eval_every", "100000"]
-    process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:                                 # wait until it trains
-        output.append(line)
-        if line.startswith("training steps"):
-            break
-    time.sleep(1.0)                                             # (the handlers are in place before that line)
-    process.send_signal(signal.SIGTERM)
-    rest, _ = process.communicate(timeout=120)
+               "--save_every", "100000", "--eval_every", "100000", "--num_workers", "2" if to_group else "0"]
+    with Bounded(command, 300, "train.py, to be stopped by SIGTERM", cwd=ROOT, env=subprocess_env(),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as bounded:
+        process, output = bounded.process, []
+        for line in process.stdout:                             # wait until it trains
+            output.append(line)
+            if line.startswith("training steps"):
+                break
+        time.sleep(1.0)                                         # (the handlers are in place before that line)
+        if to_group:
+            os.killpg(process.pid, signal.SIGTERM)              # Bounded starts it in a session (a group) of its own
+        else:
+            process.send_signal(signal.SIGTERM)
+        rest, _ = bounded.output = process.communicate()
     output = "".join(output) + rest
     assert process.returncode == 0, output
     step = checkpoint_step(out_dir)
@@ -241,9 +303,9 @@ train.main(sys.argv[1:])
 
 def test_kill_9_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     out_dir = tmp_path / "out"
-    process = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "--out_dir", str(out_dir), *TINY, "--steps",
-                              "6", "--save_every", "2", "--eval_every", "100"],
-                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    process = run_bounded([sys.executable, "-c", KILL_DURING_SAVE, "--out_dir", str(out_dir), *TINY, "--steps", "6",
+                           "--save_every", "2", "--eval_every", "100"], 300, "train.py, to be killed while saving",
+                          cwd=ROOT, env=subprocess_env())
     assert process.returncode == -signal.SIGKILL, process.stdout + process.stderr
     assert train.latest_checkpoint(out_dir).name == "ckpt-000002" and checkpoint_step(out_dir) == 2
     MLMamba.load_pretrained(out_dir / "latest")                                           # loads, complete
@@ -255,21 +317,68 @@ def test_kill_9_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_give_the_losses_of_one(tmp_path, mode):
     """torchrun with 2 CPU processes (gloo): each takes half of every global batch of 4; one process takes the same
-    batch as 2 micro-batches. Same losses, same held-out results."""
+    batch as 2 micro-batches. Same losses, same held-out results. Each launch is bounded: a hang fails the test with
+    each rank's stack (tests/bounded.py)."""
     flags = [*TINY, "--steps", "4", "--micro_batch_size", "2", "--eval_every", "4", "--save_every", "2"]
     histories = {}
     for n in (1, 2):
         out_dir = tmp_path / f"n{n}"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py",
                    "--out_dir", str(out_dir), *flags, *(["--fsdp"] if mode == "fsdp" else [])]
-        process = subprocess.run(command, cwd=ROOT, env=subprocess_env(cpu_only=True), capture_output=True,
-                                 text=True, timeout=300)
+        process = run_bounded(command, 240, f"torchrun --nproc_per_node={n} train.py ({mode})", cwd=ROOT,
+                              env=subprocess_env(cpu_only=True))
         assert process.returncode == 0, process.stdout + process.stderr
         assert f"{n} process(es)" in process.stdout and "held-out accuracy" in process.stdout
         histories[n] = train.load_trainer_state(out_dir / "latest")["history"]
     for kind in ("train", "eval"):
         torch.testing.assert_close(torch.tensor(histories[2][kind]), torch.tensor(histories[1][kind]),
                                    rtol=1e-5, atol=1e-6)
+
+
+HANG = """
+import sys, time
+from pathlib import Path
+import train
+
+def never_arrives():
+    time.sleep(600)
+
+def hang(c, ranks, preset):
+    (Path(sys.argv[1]) / f"ready{ranks.rank}").touch()
+    if ranks.rank == 0:
+        train.all_sum([1.0], ranks)                     # waits for rank 1, which never comes
+    else:
+        never_arrives()
+
+train.run = hang
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the processes to stop through /proc")
+def test_a_hang_fails_with_each_ranks_stack_and_leaves_no_process(tmp_path):
+    """The bound on the tests above, tried on torchrun ranks that hang: rank 0 in a collective that rank 1 never
+    joins. The test fails with where each rank waited, and no process of the run is left."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path), *TINY, "--out_dir", str(tmp_path / "out")]
+    env = dict(subprocess_env(cpu_only=True), PYTHONPATH=str(ROOT))
+    with pytest.raises(pytest.fail.Exception) as failure:
+        with Bounded(command, 300, "a run that hangs", cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True) as bounded:
+            while bounded.process.poll() is None and not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+                time.sleep(0.1)
+            time.sleep(0.5)                                             # rank 0 now waits inside all_sum
+            start = time.monotonic()
+            bounded.deadline_in(0)
+            bounded.output = bounded.process.communicate()
+    assert time.monotonic() - start < 20
+    message = str(failure.value)
+    assert "did not finish within" in message
+    assert re.search(r"rank 0 of 2, pid \d+: in .*, called from all_sum \(train.py:\d+\)", message), message
+    assert re.search(r"rank 1 of 2, pid \d+: in never_arrives \(hang.py:\d+\)", message), message
+    assert not _processes(bounded.marker)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,11 +396,33 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                 out.loss_sum = out.loss_sum * float("nan")
         return out
     monkeypatch.setattr(MLMamba, "forward", nan_at_step_3)
-    with pytest.raises(train.TrainingError, match=r"step 3: the loss is nan.*ckpt-000002"):
+    with pytest.raises(train.TrainingError, match=r"step 3: the loss is nan") as stop:
         tiny_run(tmp_path, "--steps", 6, "--save_every", 2, "--eval_every", 100)
+    message = str(stop.value)
+    assert "not finite in the gradients of" in message and "vision." in message
+    assert f"The last good checkpoint is {tmp_path / 'ckpt-000002'}" in message
+    assert f"python train.py --out_dir {tmp_path} --resume --lr" in message
     assert train.latest_checkpoint(tmp_path).name == "ckpt-000002"
     weights = load_file(tmp_path / "latest" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_nan_before_any_checkpoint_says_to_start_again(tmp_path, monkeypatch):
+    """With no checkpoint yet, the message cannot say --resume: it says to start again with a lower --lr."""
+    forward = MLMamba.forward
+
+    def nan_gradient(self, *args, **kwargs):                 # one tensor's gradient overflows; the loss is finite
+        bias = self.connector.projector[4].bias
+        if torch.is_grad_enabled() and not bias._backward_hooks:
+            bias.register_hook(lambda grad: grad * float("inf"))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(MLMamba, "forward", nan_gradient)
+    with pytest.raises(train.TrainingError, match=r"step 1: the loss is [0-9.]+ \(gradient norm (nan|inf)\)") as stop:
+        tiny_run(tmp_path, "--steps", 4, "--save_every", 2, "--eval_every", 100)
+    message = str(stop.value)
+    assert "not finite in the gradients of 1 tensor: connector.projector.4.bias;" in message
+    assert "--resume" not in message
+    assert "No checkpoint was saved yet (every 2 steps), so start again" in message and "--lr" in message
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -332,6 +463,35 @@ def test_invalid_data_stops_before_training_with_every_record_id(tmp_path):
     assert not (tmp_path / "out" / "tokenizer.model").exists() and checkpoint_step(tmp_path / "out") is None
 
 
+def test_a_small_data_file_holds_out_a_tenth(tmp_path, capsys):
+    """Without --eval_data, eval_samples (here 1000) would hold out all 20 records: a tenth is held out instead."""
+    records = data.make_shapes(data.ShapesConfig(image_size=16, n_train=20, n_test=0, seed=3))["train"]
+    train_json = write_records(tmp_path / "data", records)
+    config, _ = train.parse_args(["--data", str(train_json), "--images", str(tmp_path / "data"), "--eval_samples",
+                                  "1000"])
+    records, held_out, _ = train.load_data(config, train.Ranks(0, 1, torch.device("cpu")))
+    assert len(held_out) == 2 and len(records) == 18
+    assert "holding out 2 of 20 records for evaluation, a tenth" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_writing_the_builtin_data_leaves_nothing_and_no_traceback(tmp_path):
+    """The second split's images interrupted: the temporary folder is removed, one line, exit status 130."""
+    script = ("import runpy, sys, data\n"
+              "write_llava = data.write_llava\n"
+              "def interrupted(records, folder, name):\n"
+              "    if name == 'test':\n"
+              "        raise KeyboardInterrupt\n"
+              "    return write_llava(records, folder, name)\n"
+              "data.write_llava = interrupted\n"
+              "sys.argv = ['train.py', *sys.argv[1:]]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script, "--out_dir", str(tmp_path), *TINY], cwd=ROOT,
+                          env=subprocess_env(cpu_only=True), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and done.stderr.strip().splitlines() == [
+        "train.py: interrupted (Ctrl-C); the latest checkpoint, if any, is whole"], done.stderr
+    assert not list((tmp_path / "data").iterdir())                          # neither .tmp-shapes-... nor a half set
+
+
 def _png_bytes(size=16):
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
@@ -357,9 +517,9 @@ def test_bad_images_are_counted_and_skipped(tmp_path, data_with_bad_images, caps
     result = tiny_run(tmp_path / "out", *data_with_bad_images)
     output = capsys.readouterr().out
     assert result["step"] == 3 and checkpoint_step(tmp_path / "out") == 3
-    assert "training data: skipped 1 samples with unreadable images (first: id 'empty'" in output
+    assert "training data: skipped 1 sample with unreadable images (first: id 'empty'" in output
     assert [i for i, _ in result["skipped"]] == ["truncated"]
-    assert "data: skipped 1 samples with unreadable images (first: id 'truncated'" in output
+    assert "data: skipped 1 sample with unreadable images (first: id 'truncated'" in output
 
 
 @pytest.mark.parametrize("bad", ["empty", "truncated"])
