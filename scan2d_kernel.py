@@ -3,7 +3,8 @@
 A causal scan (Mamba-2's SSD) reads a 1D sequence, but a vision encoder gives an H×W grid of patches. The connectors
 of VL-Mamba (arXiv 2403.13600, the Vision Selective Scan module: Bidirectional-Scan and Cross-Scan Mechanisms) and
 ML-Mamba (arXiv 2407.19832, the Mamba-2 Scan Connector) follow VMamba's SS2D (arXiv 2401.10166): read the grid in K
-orders, scan each of the K sequences, and add the K results back onto the grid.
+orders, scan each of the K sequences, and merge the K results back onto the grid (ML-Mamba's released code averages
+them: `cross_merge(..., reduce="mean")`, as mlmamba.Mamba2ScanMixer does).
 
 Cells are numbered row-major, g = h·W + w. A scan order is a permutation π of {0, …, H·W−1}: position l of the
 sequence reads cell π(l). With K orders π_1 … π_K:
