@@ -820,20 +820,17 @@ def connector_state_from_release(release):
     state, missing = {}, []
     for key, value in release.items():
         name = key.replace("bidirectional_mamba.", "msc.", 1).replace("projector.projector.", "projector.", 1)
-        backward = next((p for p in _DIRECTION_PAIRS if name.endswith(f"mixer.{_backward_name(p)}")), None)
-        forward = next((p for p in _DIRECTION_PAIRS if name.endswith(f"mixer.{p}")), None)
-        if backward is not None:
-            continue                                                            # taken with its forward partner
-        if forward is not None:
-            partner = key[:-len(forward)] + _backward_name(forward)
-            if partner not in release:
-                missing.append(partner)
-                continue
-            pair = (value, release[partner])
-            value = torch.cat(pair) if forward.startswith("conv1d") else torch.stack(pair)
-        state[name] = value
-    missing += [k[:-len(_backward_name(p))] + p for k in release for p in _DIRECTION_PAIRS
-                if k.endswith(f"mixer.{_backward_name(p)}") and k[:-len(_backward_name(p))] + p not in release]
+        pair = next((p for p in _DIRECTION_PAIRS if key.endswith((f"mixer.{p}", f"mixer.{_backward_name(p)}"))), None)
+        if pair is None:
+            state[name] = value
+            continue
+        prefix = key[:key.rindex("mixer.") + len("mixer.")]
+        forward, backward = prefix + pair, prefix + _backward_name(pair)
+        if forward not in release or backward not in release:
+            missing.append(backward if key == forward else forward)
+        elif key == forward:                                                    # the backward one comes with it
+            both = (value, release[backward])
+            state[name] = torch.cat(both) if pair.startswith("conv1d") else torch.stack(both)
     if missing:
         raise ValueError(f"the released connector lacks one direction of {len(missing)} tensors: {', '.join(missing)}")
     return state

@@ -806,13 +806,13 @@ def diverged_message(step, loss, grad_norm, nonfinite, c, out_dir):
     last = latest_checkpoint(out_dir)
     lower = f"--lr {c.lr / 2:g}"
     if last:
-        advice = (f"the last good checkpoint is {last}; continue from it with a lower learning rate: python train.py "
-                  f"--out_dir {out_dir} --resume {lower} (or in float32: --precision fp32)")
+        advice = (f"The last good checkpoint is {last}; continue from it with a lower learning rate: python train.py "
+                  f"--out_dir {out_dir} --resume {lower}")
     else:
-        advice = (f"no checkpoint was saved yet (every {c.save_every} steps), so start again with a lower learning "
-                  f"rate: the same command with {lower} (or in float32: --precision fp32)")
+        advice = (f"No checkpoint was saved yet (every {c.save_every} steps), so start again with a lower learning "
+                  f"rate: the same command with {lower}")
     return (f"step {step}: the loss is {loss} (gradient norm {grad_norm}){where}; stopped without updating the "
-            f"weights. {advice[0].upper()}{advice[1:]}")
+            f"weights. {advice} (or in float32: --precision fp32)")
 
 
 def _local(t):
