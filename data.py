@@ -2,9 +2,9 @@
 
 1. Conversations  `load_conversations`: LLaVA's JSON (or JSON Lines) with an image folder, every record checked
                   before training starts; `find_unreadable_images` opens every image's header
-2. Prompt         Prismatic's `PurePromptBuilder` template for base (non-chat) LMs (Karamcheti et al. 2024, arXiv
-                  2402.07865; ML-Mamba builds on Cobra, which builds on Prismatic): `encode_conversation` for
-                  training, `encode_prompt` for generation, the same tokens either way
+2. Prompt         the released ML-Mamba code's Zephyr chat template for Mamba LMs (`ZephyrChatPromptBuilder`, as
+                  Cobra's): `encode_conversation` for training, `encode_prompt` for generation, the same tokens
+                  either way; `encode_caption` for the released alignment stage's captions
 3. Batches        `ConversationDataset` and its `collate`: input_ids, labels (-100 except the answers), right padding
 4. Order          `ShardedBatchSampler`: a seeded, endless stream of global batches, resumable and split over ranks
 5. Built-in data  `make_shapes`: seeded pillow scenes of coloured shapes with questions, no download; `write_llava`
@@ -17,6 +17,7 @@ A record, as in LLaVA-Instruct (Liu et al. 2023, arXiv 2304.08485):
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
 "image" is a path under the image folder, or, for data kept in memory, the encoded image file's bytes.
 """
+import functools
 import io
 import json
 import re
@@ -193,19 +194,36 @@ def skip_summary(skipped):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. The prompt template (Prismatic's PurePromptBuilder)
+# 2. The prompt template: ML-Mamba's Zephyr chat template
 #
-#     [bos] In: {question 1}\nOut: {answer 1}[eos]In: {question 2}\nOut: {answer 2}[eos]...
+#     <|user|>\n{question 1}<|endoftext|>\n<|assistant|>\n{answer 1}<|endoftext|>\n<|user|>\n{question 2}...
 #
-# For base LMs, which know no chat format. The answer's leading space belongs to the answer (" red" is one word
-# piece in BPE vocabularies), so a prompt ends at "Out:". The eos after every answer is supervised: the model learns to
-# stop. The <image> marker is removed: the visual tokens go before all the text, not where the marker was.
+# As the released ML-Mamba code builds it (github.com/WenjunHuang94/ML-Mamba): its Mamba LLM backbone
+# (mlmamba/models/backbones/llm/mamba.py, `MambaLLMBackbone.prompt_builder_fn`) gives every "mamba..." backbone,
+# Mamba-2 2.7B included, the `ZephyrChatPromptBuilder` (llm/prompting/zephyr_prompter.py; Cobra's is the same, after
+# havenhq/mamba-chat): an empty system prompt, no BOS, a user turn "<|user|>\n{msg}<|endoftext|>\n<|assistant|>\n"
+# (the turns after the first start with a newline), an answer "{msg}<|endoftext|>" (" " for an empty answer), every
+# message with its <image> marker removed and stripped (`add_turn`). Its training data
+# (mlmamba/preprocessing/datasets/datasets.py, `FinetuneDataset.__getitem__`) tokenises turn by turn, each turn's
+# string alone (`add_special_tokens` only for the first, which adds nothing: the GPT-NeoX tokenizer has no BOS), and
+# labels every token of an answer turn (the answer and its <|endoftext|>) and none of a user turn (so the newline that
+# opens the next user turn is not supervised). Its model puts the visual tokens before all the text
+# (mlmamba/models/vlms/mlmamba.py, `MLMambaVLM.forward`); here `MLMamba.embed` does.
+#
+# <|endoftext|> is the tokenizer's eos token: a special token of GPT-NeoX's tokenizer.json, which splits text at it
+# (as HF's tokenizers do), but no text to a sentencepiece model (whose eos is id 2). So each turn's string is cut at
+# "<|endoftext|>", the pieces encoded alone and joined by eos_id: the released ids for a GPT-NeoX tokenizer.json, and
+# the same template for any tokenizer with an eos.
+
+EOS_TEXT = "<|endoftext|>"          # the template's end of a message; encoded as tokenizer.eos_id
+SYSTEM_PROMPT = ""                  # ZephyrChatPromptBuilder sets an empty system prompt, whatever it is given
+TEMPLATE_SYMBOLS = ["<|user|>", "<|assistant|>"]   # one piece each in `train_tokenizer`'s vocabularies (plain text to
+                                                    # GPT-NeoX's tokenizer, which splits them into several)
 
 
 def strip_image_marker(text):
-    """The text without LLaVA's <image> marker and the newline that joins it to the question (LLaVA and Prismatic
-    remove the marker and strip; this also keeps one line break where a marker stood between two lines)."""
-    return re.sub(r"\n?" + re.escape(IMAGE_MARKER), "", text).strip()
+    """The text without LLaVA's <image> marker, stripped (the released `add_turn`: replace, then strip)."""
+    return text.replace(IMAGE_MARKER, "").strip()
 
 
 def conversation_turns(record):
@@ -214,55 +232,87 @@ def conversation_turns(record):
     return list(zip(values[0::2], values[1::2]))
 
 
-def question_text(question):
-    return f"In: {question}\nOut:"
+def user_text(question, first=True):
+    """A user turn as the template writes it, up to where the answer begins; the turns after the first start with the
+    newline that ends the answer before them."""
+    start = SYSTEM_PROMPT if first else "\n"
+    return f"{start}<|user|>\n{question}{EOS_TEXT}\n<|assistant|>\n"
 
 
 def answer_text(answer):
-    return f" {answer}"
+    """An answer's text (the template then appends <|endoftext|>): the answer itself, or " " when it is empty."""
+    return answer if answer != "" else " "
+
+
+def prompt_text(history, question):
+    """The generation prompt as a string: the earlier (question, answer) turns, then the question, up to where the
+    answer begins (the released `get_prompt` after `add_turn("human", question)`)."""
+    turns = [user_text(q, i == 0) + answer_text(a) + EOS_TEXT for i, (q, a) in enumerate(history)]
+    return "".join(turns) + user_text(question, not history)
+
+
+def encode_text(tokenizer, text):
+    """Ids of a template string: the pieces between its <|endoftext|> marks encoded alone, joined by eos_id."""
+    if tokenizer.eos_id is None:
+        raise ValueError("data: the tokenizer has no eos token; the prompt template needs one")
+    ids = []
+    for k, piece in enumerate(text.split(EOS_TEXT)):
+        ids += ([tokenizer.eos_id] if k else []) + (tokenizer.encode(piece) if piece else [])
+    return ids
 
 
 def _encode_turns(tokenizer, turns):
-    if tokenizer.eos_id is None:
-        raise ValueError("data: the tokenizer has no eos token; answers must end with one")
-    prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return prefix, [(tokenizer.encode(question_text(q)), tokenizer.encode(answer_text(a)) + [tokenizer.eos_id])
-                    for q, a in turns]
+    """[(user turn ids, answer ids + eos)], each turn's string encoded alone as the released training data does."""
+    return [(encode_text(tokenizer, user_text(q, i == 0)), encode_text(tokenizer, answer_text(a) + EOS_TEXT))
+            for i, (q, a) in enumerate(turns)]
 
 
 def encode_conversation(tokenizer, turns, max_len=None):
     """(input_ids, labels, truncated) for a conversation of (question, answer) turns, as lists of ints.
 
-    labels[t] = input_ids[t] on each answer and the eos after it, IGNORE_INDEX elsewhere (bos, questions). They are
-    aligned with input_ids, not shifted: the model predicts labels[t] from the tokens before t.
-    Truncation to max_len keeps whole turns from the start while they fit; when even the first does not, its question
-    loses tokens from its start (its end and "Out:" stay next to the answer); only an answer that cannot fit beside
-    bos is cut itself, losing its eos."""
-    prefix, encoded = _encode_turns(tokenizer, turns)
-    input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
+    labels[t] = input_ids[t] on each answer and the eos after it, IGNORE_INDEX elsewhere (the user turns, including
+    the newline that opens every user turn after the first). They are aligned with input_ids, not shifted: the model
+    predicts labels[t] from the tokens before t. No BOS: the text starts with the first user turn.
+    Truncation to max_len keeps whole turns from the start while they fit; when even the first does not, its user turn
+    loses tokens from its start (its end, "<|assistant|>\n", stays next to the answer); when not even the first answer
+    and its eos fit, the first turn is simply cut at max_len."""
+    encoded = _encode_turns(tokenizer, turns)
+    input_ids, labels = [], []
     for q, a in encoded:
         if max_len is not None and len(input_ids) + len(q) + len(a) > max_len:
             break
         input_ids += q + a
         labels += [IGNORE_INDEX] * len(q) + a
-    truncated = len(input_ids) < len(prefix) + sum(len(q) + len(a) for q, a in encoded)
-    if truncated and len(input_ids) == len(prefix):          # the first turn alone is too long
+    truncated = len(input_ids) < sum(len(q) + len(a) for q, a in encoded)
+    if truncated and not input_ids:                                # the first turn alone is too long
         q, a = encoded[0]
-        room = max_len - len(prefix) - len(a)
+        room = max_len - len(a)
         q = q[-room:] if room > 0 else q
-        input_ids = (prefix + q + a)[:max_len]
-        labels = (labels + [IGNORE_INDEX] * len(q) + a)[:max_len]
+        input_ids = (q + a)[:max_len]
+        labels = ([IGNORE_INDEX] * len(q) + a)[:max_len]
     return input_ids, labels, truncated
 
 
 def encode_prompt(tokenizer, history, question):
-    """The ids to generate an answer from: the earlier (question, answer) turns, then the question up to "Out:".
+    """The ids to generate an answer from: the earlier (question, answer) turns, then the question's user turn, which
+    ends with "<|assistant|>\n".
 
     Exactly the tokens `encode_conversation` gives in front of that answer in training; generation then samples the
-    answer and stops at eos. Ids rather than text, because the eos between turns is a special token that text
-    cannot carry."""
-    prefix, encoded = _encode_turns(tokenizer, history)
-    return prefix + [i for q, a in encoded for i in q + a] + tokenizer.encode(question_text(question))
+    answer and stops at eos. Ids rather than text, because eos is a special token that a sentencepiece model cannot
+    read from text (`encode_text`)."""
+    encoded = _encode_turns(tokenizer, history)
+    return [i for q, a in encoded for i in q + a] + encode_text(tokenizer, user_text(question, not history))
+
+
+def encode_caption(tokenizer, caption, max_len=None):
+    """(input_ids, labels, truncated) for the alignment stage as the released code builds it (AlignDataset.__getitem__
+    in mlmamba/preprocessing/datasets/datasets.py): the human's prompt is dropped and "{caption}<|endoftext|>" is
+    learnt straight from the image, every token supervised (the first from the last visual token; GPT-NeoX has no BOS
+    to leave out); cut at max_len."""
+    ids = encode_text(tokenizer, caption.strip() + EOS_TEXT)
+    truncated = max_len is not None and len(ids) > max_len
+    ids = ids[:max_len] if truncated else ids
+    return ids, list(ids), truncated
 
 
 def pad_prompts(prompts, pad_id):
@@ -293,12 +343,17 @@ class ConversationDataset(torch.utils.data.Dataset):
     image_size) RGB in [0, 1] with `resize` and `fill` (pass the encoder's image_mean). An image that cannot be read
     (truncated, corrupt, a decompression bomb) makes the example carry an `error`; `collate` leaves such examples out
     and lists them, or, with strict_images, loading raises ValueError naming the record.
-    max_len: the most text tokens per example (the visual tokens come on top)."""
+    transform: instead, a callable image -> pixels, e.g. `vision.ImageTransform` (the model's towers and strategy).
+    max_len: the most text tokens per example (the visual tokens come on top).
+    align: the released code's alignment-stage examples (`encode_caption`): each record's last answer alone, as a
+    caption; otherwise whole conversations in the template (`encode_conversation`)."""
 
     def __init__(self, records, tokenizer, image_size, image_folder=None, max_len=None, resize="letterbox",
-                 fill=(0.5, 0.5, 0.5), strict_images=False):
+                 fill=(0.5, 0.5, 0.5), strict_images=False, align=False, transform=None):
         self.records, self.tokenizer, self.image_size, self.image_folder = records, tokenizer, image_size, image_folder
-        self.max_len, self.resize, self.fill, self.strict_images = max_len, resize, fill, strict_images
+        self.max_len, self.strict_images = max_len, strict_images
+        self.align = align
+        self.transform = transform or functools.partial(preprocess, image_size=image_size, resize=resize, fill=fill)
         self.pad_id = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
 
     def __len__(self):
@@ -306,15 +361,16 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         record = self.records[index]
-        input_ids, labels, truncated = encode_conversation(self.tokenizer, conversation_turns(record), self.max_len)
+        turns = conversation_turns(record)
+        input_ids, labels, truncated = (encode_caption(self.tokenizer, turns[-1][1], self.max_len) if self.align else
+                                        encode_conversation(self.tokenizer, turns, self.max_len))
         example = dict(id=record["id"], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
                        truncated=truncated, pixel_values=None, error=None)
         if record.get("image") is not None:
             try:
                 with warnings.catch_warnings():       # over Pillow's pixel limit is an error, not only a warning
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    example["pixel_values"] = preprocess(_open_image(record["image"], self.image_folder),
-                                                         self.image_size, self.resize, self.fill)
+                    example["pixel_values"] = self.transform(_open_image(record["image"], self.image_folder))
             except ValueError as e:
                 if self.strict_images:
                     raise ValueError(f"data: record {index} (id {record['id']!r}): {e}") from e
@@ -582,18 +638,20 @@ def write_llava(records, folder, name):
 
 
 def train_tokenizer(records, model_path, vocab_size=512):
-    """Train a sentencepiece BPE on the records' text as the prompt template writes it; save it at model_path
-    (a .model file for `tokenizer.load_tokenizer`). unk, bos, eos, pad are ids 0-3. The text is kept as it is (no
-    normalisation) and any character outside the training text falls back to its UTF-8 bytes, so every string
-    round-trips; the 256 byte pieces count towards vocab_size."""
-    texts = [question_text(q) + answer_text(a) for record in records for q, a in conversation_turns(record)]
+    """Train a sentencepiece BPE on the records' text as the prompt template writes it, cut where `encode_text` cuts
+    it (at each turn and each <|endoftext|>, which is the eos id); save it at model_path (a .model file for
+    `tokenizer.load_tokenizer`). unk, bos, eos, pad are ids 0-3, then the template's "<|user|>" and "<|assistant|>"
+    as one piece each. The text is kept as it is (no normalisation) and any character outside the training text falls
+    back to its UTF-8 bytes, so every string round-trips; the byte pieces count towards vocab_size."""
+    texts = [piece for record in records for i, (q, a) in enumerate(conversation_turns(record))
+             for piece in (user_text(q, i == 0) + answer_text(a)).split(EOS_TEXT) if piece]
     model = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True, character_coverage=1.0, split_digits=True,
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-            hard_vocab_limit=False, num_threads=1, minloglevel=2)
+            hard_vocab_limit=False, num_threads=1, minloglevel=2, user_defined_symbols=TEMPLATE_SYMBOLS)
     except RuntimeError as e:
         raise ValueError(f"data: training a tokenizer of vocab_size={vocab_size} on {len(texts)} texts failed: {e}") \
             from None

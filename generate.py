@@ -37,7 +37,7 @@ import data
 from flags import option, parse_config
 from mlmamba import Mamba2Cache, MLMamba
 from tokenizer import load_tokenizer
-from vision import load_image, preprocess
+from vision import ImageTransform, load_image
 
 DEFAULT_CKPT = "out/shapes/latest"           # where the default `python train.py` publishes its checkpoint
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -59,7 +59,14 @@ def one_line(error):
 
 @dataclass
 class GenerateConfig:
-    ckpt: str = option(DEFAULT_CKPT, "a checkpoint directory of train.py, or its out_dir (then its 'latest')")
+    ckpt: str = option(DEFAULT_CKPT, "a checkpoint directory of train.py, or its out_dir (then its 'latest'), or the "
+                                     "released ML-Mamba's run directory (config.json, checkpoints/)")
+    vision: str | None = option(None, "the released ML-Mamba only: its SigLIP tower's folder (timm's "
+                                      "vit_so400m_patch14_siglip_384, or transformers')")
+    dinov2: str | None = option(None, "the released ML-Mamba only: its DINOv2 tower's folder (timm's "
+                                      "vit_large_patch14_reg4_dinov2.lvd142m, or transformers' with registers)")
+    tokenizer: str | None = option(None, "the released ML-Mamba only: its GPT-NeoX tokenizer.json (default: the one "
+                                         "in --ckpt)")
     image: list[str] = option([], "an image file; repeat for a batch (one --prompt for all, or one per image); "
                                   "none: text only")
     prompt: list[str] = option([], "the question; repeat for a batch")
@@ -125,6 +132,8 @@ def find_checkpoint(path):
         raise GenerateError(f"checkpoint {path} does not exist")
     if (path / "latest").is_dir():                                  # a train.py out_dir
         path = path / "latest"
+    if is_release(path):
+        return path
     if not path.is_dir():
         raise GenerateError(f"checkpoint {path} is not a directory (give a checkpoint directory of train.py)")
     config = path / "config.json"
@@ -138,7 +147,7 @@ def find_checkpoint(path):
         raise GenerateError(f"{config}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise GenerateError(f"{config}: expected a JSON object, got {type(raw).__name__}")
-    if set(raw) == {"vision", "connector", "lm"}:
+    if {"vision", "connector", "lm"} <= set(raw):
         return path
     if raw.get("model_type") == "mamba2" or "ssm_cfg" in raw:
         raise GenerateError(f"{path} holds a Mamba-2 language model alone, not ML-Mamba: train a connector for it "
@@ -151,12 +160,34 @@ def find_checkpoint(path):
                         f"'vision', 'connector' and 'lm' of MLMamba.save_pretrained, as train.py writes")
 
 
-def load_checkpoint(path, device, dtype):
-    """(model in eval mode, tokenizer, checkpoint directory) from a checkpoint of train.py."""
-    directory = find_checkpoint(path)
+def is_release(path):
+    """Whether path is the released ML-Mamba's run directory (or its checkpoint .pt): a run config.json whose "model"
+    names the parts (mlmamba/models/load.py reads the same)."""
+    run_dir = path.parent.parent if path.suffix == ".pt" else path
     try:
-        tokenizer = load_tokenizer(directory)
-        model = MLMamba.load_pretrained(directory, dtype=dtype, device=device).eval()
+        raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "arch_specifier" in raw["model"]
+
+
+def load_checkpoint(path, device, dtype, vision=None, dinov2=None, tokenizer=None):
+    """(model in eval mode, tokenizer, checkpoint directory) from a checkpoint of train.py, or from the released
+    ML-Mamba's run directory with its vision towers (`vision`, `dinov2`) and tokenizer."""
+    directory = find_checkpoint(path)
+    release = is_release(directory)
+    if not release and (vision or dinov2 or tokenizer):
+        raise GenerateError(f"--vision, --dinov2 and --tokenizer go with the released ML-Mamba's run directory; "
+                            f"{directory} is a checkpoint of train.py, which holds its own")
+    if release and vision is None:
+        raise GenerateError(f"{directory} is the released ML-Mamba, whose vision towers are not in its checkpoint: "
+                            f"give --vision SIGLIP_DIR (and --dinov2 DINOV2_DIR for its dinosiglip towers)")
+    try:
+        tokenizer = load_tokenizer(tokenizer or (directory.parent.parent if directory.suffix == ".pt" else directory))
+        if release:
+            model = MLMamba.load_release(directory, vision, dinov2_path=dinov2, dtype=dtype, device=device).eval()
+        else:
+            model = MLMamba.load_pretrained(directory, dtype=dtype, device=device).eval()
     except (ValueError, FileNotFoundError) as e:
         raise GenerateError(one_line(e)) from None
     if tokenizer.eos_id is None:
@@ -201,11 +232,12 @@ def pair_up(images, prompts):
 
 def make_batch(model, tokenizer, images, prompts):
     """MLMamba.generate's inputs on the model's device: prompts (lists of token ids) right-padded to input_ids with
-    their lengths; images (PIL or None per row) letterboxed as in training into the pixel_values of the rows that
-    have one."""
+    their lengths; images (PIL or None per row) preprocessed as in training (the model's image_resize_strategy) into
+    the pixel_values of the rows that have one."""
     device = model.lm.embedding.weight.device
     input_ids, lengths = data.pad_prompts(prompts, tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id)
-    pixels = [preprocess(image, model.image_size, fill=model.vision.image_mean) for image in images if image is not None]
+    transform = ImageTransform(model.vision, model.config.image_resize_strategy)
+    pixels = [transform(image) for image in images if image is not None]
     return dict(input_ids=input_ids.to(device), lengths=lengths.to(device),
                 has_image=torch.tensor([image is not None for image in images], device=device),
                 pixel_values=torch.stack(pixels).to(device) if pixels else None)
@@ -293,7 +325,7 @@ class TextStream:
     Tokens are not decoded one at a time: a character split over byte tokens decodes to "\ufffd" until its last byte
     arrives, and a tokenizer may spell a piece differently next to its neighbours. So the whole answer is decoded
     each time and what is new returned, holding it back while it ends in a partial character. Surrounding whitespace
-    is not shown (the answer's leading space belongs to the template), so the pieces add up to `data.decode_answer`."""
+    is not shown (the released code strips its decoded answers too), so the pieces add up to `data.decode_answer`."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
@@ -348,7 +380,7 @@ def run(c, out=sys.stdout, log=sys.stderr):
     images = [read_image(path) for path in c.image]                # before the model loads: a bad file fails fast
     device, dtype = resolve_device(c.device, c.dtype)
     with advice_on_out_of_memory(device, loading_advice(device, dtype)):
-        model, tokenizer, directory = load_checkpoint(c.ckpt, device, dtype)
+        model, tokenizer, directory = load_checkpoint(c.ckpt, device, dtype, c.vision, c.dinov2, c.tokenizer)
     rows = pair_up(list(zip(c.image, images)), c.prompt)           # [((path, image) or None, prompt)]
     prompts = [encode_question(tokenizer, prompt) for _, prompt in rows]
     batch = make_batch(model, tokenizer, [None if image is None else image[1] for image, _ in rows], prompts)

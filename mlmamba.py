@@ -36,7 +36,7 @@ from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_no
                           rms_norm_reference)
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
-from vision import Block, FusedVisionEncoder, VisionConfig, VisionEncoder, load_vision
+from vision import RESIZE_STRATEGIES, Block, FusedVisionEncoder, VisionConfig, VisionEncoder, load_vision
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -861,30 +861,40 @@ class MLMambaConfig:
     vision: VisionConfig | list[VisionConfig]   # one tower, or several fused (DINOv2 then SigLIP: FusedVisionEncoder)
     connector: ConnectorConfig
     lm: Mamba2Config
+    image_resize_strategy: str = "resize-naive"  # how images become the encoder's square input (vision.py's
+                                                 # strategies, by Prismatic's names); the released default
 
     def __post_init__(self):
         if isinstance(self.vision, tuple):
             self.vision = list(self.vision)
         if isinstance(self.vision, list) and not self.vision:
             raise ValueError("MLMambaConfig: vision is an empty list; give one tower's config, or several to fuse")
+        if self.image_resize_strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f"MLMambaConfig: image_resize_strategy must be one of "
+                             f"{', '.join(RESIZE_STRATEGIES)}, got {self.image_resize_strategy!r}")
 
     def to_dict(self):
         """Plain JSON types; `from_dict` gives back an equal config."""
         asdict = dataclasses.asdict
         vision = [asdict(v) for v in self.vision] if isinstance(self.vision, list) else asdict(self.vision)
-        return {"vision": vision, "connector": asdict(self.connector), "lm": asdict(self.lm)}
+        return {"vision": vision, "connector": asdict(self.connector), "lm": asdict(self.lm),
+                "image_resize_strategy": self.image_resize_strategy}
 
     @classmethod
     def from_dict(cls, d):
-        """From `to_dict`'s output (or its JSON): unknown or missing fields are errors."""
-        if not isinstance(d, dict) or set(d) != {"vision", "connector", "lm"}:
+        """From `to_dict`'s output (or its JSON): unknown or missing fields are errors. A config without
+        image_resize_strategy was written before it existed, when every model was trained on letterboxed images."""
+        fields = {"vision", "connector", "lm"}
+        if not isinstance(d, dict) or not fields <= set(d) <= fields | {"image_resize_strategy"}:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"MLMambaConfig: expected the fields ['connector', 'lm', 'vision'], got {got}")
+            raise ValueError(f"MLMambaConfig: expected the fields ['connector', 'image_resize_strategy', 'lm', "
+                             f"'vision'], got {got}")
         vision = d["vision"]
         vision = ([_from_fields(VisionConfig, v) for v in vision] if isinstance(vision, list)
                   else _from_fields(VisionConfig, vision))
         return cls(vision=vision, connector=_from_fields(ConnectorConfig, d["connector"]),
-                   lm=_from_fields(Mamba2Config, d["lm"]))
+                   lm=_from_fields(Mamba2Config, d["lm"]),
+                   image_resize_strategy=d.get("image_resize_strategy", "letterbox"))
 
 
 def _from_fields(cls, fields):
@@ -963,11 +973,14 @@ class MLMamba(nn.Module):
     # -- inputs ----------------------------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values):
-        """pixel_values (n_images, 3, image_size, image_size), RGB in [0, 1] -> tokens (n_images, H*W, d_model)."""
+        """pixel_values (n_images, 3, image_size, image_size), RGB in [0, 1], or 3 channels per fused tower (each its
+        own letterboxed picture) -> tokens (n_images, H*W, d_model)."""
         S = self.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
-            raise ValueError(f"MLMamba: pixel_values must be (n_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
-                             f"vision.preprocess(image, model.image_size) makes them")
+        channels = (3, 3 * len(self.vision.towers)) if isinstance(self.vision, FusedVisionEncoder) else (3,)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] not in channels or tuple(pixel_values.shape[2:]) != (S, S):
+            raise ValueError(f"MLMamba: pixel_values must be (n_images, {' or '.join(map(str, channels))}, {S}, {S}), "
+                             f"got {tuple(pixel_values.shape)}; vision.ImageTransform(model.vision, "
+                             f"model.config.image_resize_strategy) makes them")
         features = self.vision(pixel_values)                         # (n_images, H*W, vision_dim), row-major
         H, W = self.vision.grid_size
         return self.connector(rearrange(features, "n (h w) c -> n h w c", h=H, w=W))
@@ -1105,7 +1118,40 @@ class MLMamba(nn.Module):
     # -- weights ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, lm_path, vision_path, connector, dinov2_path=None, dtype=torch.float32, device="cpu"):
+    def load_release(cls, path, vision_path, dinov2_path=None, dtype=torch.float32, device="cpu"):
+        """The authors' released ML-Mamba: a run directory (config.json, checkpoints/latest-checkpoint.pt; see section
+        7) and the vision towers it names, from local folders (timm's hub layout, as the released code loads them,
+        or transformers'): `vision_path` the SigLIP tower, `dinov2_path` the DINOv2 one for a "dinosiglip" run.
+        Every missing, unexpected or mis-shaped tensor is listed in a ValueError naming the file."""
+        settings, config_path, checkpoint = read_release(path)
+        image_size, towers = RELEASE_VISION[settings["vision_backbone_id"]]
+        if ("dinov2" in towers) != (dinov2_path is not None):
+            need = "needs a DINOv2 tower (dinov2_path) beside" if "dinov2" in towers else "has no DINOv2 tower, only"
+            raise ValueError(f"{config_path}: vision_backbone_id {settings['vision_backbone_id']!r} {need} SigLIP")
+        release = _read_release_state(checkpoint)
+        lm_config = lm_config_from_release(release["llm_backbone"], checkpoint)
+        n_blocks = len({k.split(".")[1] for k in release["bidirectional_mamba"] if k.startswith("layers.")})
+        if n_blocks == 0:
+            raise ValueError(f"{checkpoint}: bidirectional_mamba holds no layers")
+        vision = load_vision(vision_path, dinov2_path=dinov2_path, dtype=dtype, device=device, image_size=image_size)
+        fused = isinstance(vision, FusedVisionEncoder)
+        config = MLMambaConfig(vision=[t.config for t in vision.towers] if fused else vision.config,
+                               connector=ConnectorConfig(kind="msc", scan="bidirectional", n_blocks=n_blocks),
+                               lm=lm_config, image_resize_strategy=settings["image_resize_strategy"])
+        state = release_state_dict(release, checkpoint)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision = vision
+        parts = nn.ModuleDict({"lm": model.lm, "connector": model.connector})
+        _check_state_dict(parts, state, f"{checkpoint} does not fit the model its sizes give (our names)")
+        parts.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
+                              assign=True)
+        return model
+
+
+    @classmethod
+    def from_pretrained(cls, lm_path, vision_path, connector, dinov2_path=None, dtype=torch.float32, device="cpu",
+                        image_resize_strategy="resize-naive"):
         """Pretrained parts and a new connector, as ML-Mamba starts training: the Mamba-2 LM of `load_mamba2(lm_path)`,
         the SigLIP (or any) tower of `load_vision(vision_path, dinov2_path)` (DINOv2 fused in front when given), and a
         randomly initialised connector of ConnectorConfig `connector`. Local paths only."""
@@ -1113,7 +1159,7 @@ class MLMamba(nn.Module):
         vision = load_vision(vision_path, dinov2_path=dinov2_path, dtype=dtype, device=device)
         towers = vision.towers if isinstance(vision, FusedVisionEncoder) else None
         config = MLMambaConfig(vision=[t.config for t in towers] if towers is not None else vision.config,
-                               connector=connector, lm=lm.config)
+                               connector=connector, lm=lm.config, image_resize_strategy=image_resize_strategy)
         with torch.device("meta"):
             model = cls(config)                                     # the skeleton: no memory, no init, replaced below
         model.vision, model.lm = vision, lm
@@ -1164,3 +1210,107 @@ class MLMamba(nn.Module):
         _check_state_dict(model, state, f"{weights} does not fit the model of {config_path}")
         model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
         return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. The released ML-Mamba (WenjunHuang94/ML-Mamba): its run directory and checkpoint
+#
+#   run_dir/config.json                          the run's config; its "model" object names the parts
+#   run_dir/checkpoints/latest-checkpoint.pt     torch.save({"model": {"llm_backbone": ..., "mlp": ...,
+#                                                "bidirectional_mamba": ..., "projector": ...}})
+# as mlmamba/training/strategies/fsdp.py `FSDPStrategy.save_checkpoint` writes it and mlmamba/models/load.py `load`
+# reads it. The vision towers are not in it (they stay frozen): the released code takes them from timm's hub.
+
+# Prismatic's vision_backbone_id -> (input side, the towers fused in this order); the released run uses the first
+RELEASE_VISION = {"dinosiglip-vit-so-384px": (384, ("dinov2", "siglip")),
+                  "dinosiglip-vit-so-224px": (224, ("dinov2", "siglip")),
+                  "siglip-vit-so400m-384px": (384, ("siglip",)),
+                  "siglip-vit-so400m": (224, ("siglip",))}
+RELEASE_PARTS = ("llm_backbone", "mlp", "bidirectional_mamba", "projector")
+STATE_SPACES_VOCAB = 50277          # state-spaces/mamba2-*'s config.json: vocab_size, padded to a multiple of 16
+
+
+def read_release(path):
+    """(the run config's "model" object, its config.json, the checkpoint file) for a released run directory, or for
+    a checkpoint .pt inside its checkpoints/ folder. Every field the loader needs is checked here."""
+    path = Path(path)
+    if path.is_file():
+        checkpoint, run_dir = path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    else:
+        run_dir, checkpoint = path, path / "checkpoints" / "latest-checkpoint.pt"
+    config_path = run_dir / "config.json"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ML-Mamba release: no checkpoint {checkpoint}")
+    model = _read_json(config_path).get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{config_path}: no \"model\" object (the run config of the released ML-Mamba)")
+    _require(model, ("vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy"), config_path)
+    wanted = {"vision_backbone_id": RELEASE_VISION, "image_resize_strategy": RESIZE_STRATEGIES}
+    for key, known in wanted.items():
+        if model[key] not in known:
+            raise ValueError(f"{config_path}: {key}={model[key]!r} is not supported (only {', '.join(known)})")
+    if not str(model["arch_specifier"]).endswith("fused-gelu-mlp"):       # the released MLMambaVLM's projector
+        raise ValueError(f"{config_path}: arch_specifier={model['arch_specifier']!r} is not supported (only the "
+                         f"released '...fused-gelu-mlp' projector)")
+    return model, config_path, checkpoint
+
+
+def _read_release_state(checkpoint):
+    """{part: {name: tensor}} from the checkpoint, read with weights_only=True and memory-mapped."""
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{checkpoint}: refused by torch.load(weights_only=True): it holds objects other than "
+                         f"tensors, or is corrupt ({str(e).splitlines()[0]})") from None
+    except Exception as e:                                     # a damaged zip or pickle fails in many ways
+        raise ValueError(f"{checkpoint}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{checkpoint}: expected {{\"model\": {{part: state dict}}}}, got "
+                         f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+    missing = [part for part in RELEASE_PARTS if not isinstance(model.get(part), dict)]
+    unexpected = sorted(set(model) - set(RELEASE_PARTS))
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: the \"model\" entry must hold {', '.join(RELEASE_PARTS)}; "
+                         f"missing {missing}, unexpected {unexpected}")
+    for part in RELEASE_PARTS:
+        bad = [k for k, v in model[part].items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+        if bad:
+            raise ValueError(f"{checkpoint}: {part} holds entries that are not named tensors: {bad[:5]}")
+    return model
+
+
+def lm_config_from_release(lm_state, checkpoint):
+    """The Mamba-2 LM's sizes read off its tensors (the checkpoint has no LM config; the released code builds the LM
+    from state-spaces/<llm_backbone_id>'s config.json). One B/C group, as every public Mamba-2 has."""
+    try:
+        rows, d_model = lm_state["backbone.embedding.weight"].shape
+        n_layer = len({k.split(".")[2] for k in lm_state if k.startswith("backbone.layers.")})
+        d_inner = lm_state["backbone.layers.0.mixer.out_proj.weight"].shape[1]
+        nheads = lm_state["backbone.layers.0.mixer.A_log"].shape[0]
+        conv_dim, _, d_conv = lm_state["backbone.layers.0.mixer.conv1d.weight"].shape
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{checkpoint}: llm_backbone lacks a tensor the LM's sizes are read from ({e})") from None
+    state_spaces = rows == -(-STATE_SPACES_VOCAB // 16) * 16
+    vocab, multiple = (STATE_SPACES_VOCAB, 16) if state_spaces else (rows, 1)
+    try:
+        return Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=vocab, pad_vocab_size_multiple=multiple,
+                            d_state=(conv_dim - d_inner) // 2, d_conv=d_conv, expand=d_inner // d_model,
+                            headdim=d_inner // nheads)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: llm_backbone's tensors give no Mamba-2 LM: {e}") from None
+
+
+def release_state_dict(release, checkpoint):
+    """The checkpoint's parts -> our MLMamba state dict without the vision towers (`lm.*`, `connector.*`)."""
+    state = {"lm." + _our_name(k): v for k, v in release["llm_backbone"].items()}
+    head = state.pop("lm.lm_head.weight", None)                 # tied: mamba_ssm saves the embedding twice
+    if head is not None and not torch.equal(head, state.get("lm.embedding.weight", head)):
+        raise ValueError(f"{checkpoint}: llm_backbone's lm_head.weight differs from its (tied) embedding")
+    parts = {f"{part}.{k}": v for part in ("mlp", "bidirectional_mamba", "projector") for k, v in release[part].items()}
+    try:
+        connector = connector_state_from_release(parts)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: {e}") from None
+    state.update({"connector." + k: v for k, v in connector.items()})
+    return state

@@ -13,10 +13,11 @@ from PIL import Image
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from data import (ANSWERS, BACKGROUND, COLOURS, IGNORE_INDEX, ConversationDataset, ShapesConfig,
-                  ShardedBatchSampler, chance_accuracy, conversation_turns, encode_conversation, encode_prompt,
+                  ShardedBatchSampler, chance_accuracy, conversation_turns, encode_caption, encode_conversation,
+                  encode_prompt,
                   exact_match, find_unreadable_images, load_conversations, make_shapes, normalize_answer,
-                  read_conversations, skip_summary, strip_image_marker, train_tokenizer, validate_records,
-                  write_llava)
+                  prompt_text, read_conversations, skip_summary, strip_image_marker, train_tokenizer,
+                  validate_records, write_llava)
 from tokenizer import load_tokenizer
 from vision import preprocess
 
@@ -45,10 +46,12 @@ def neox_tokenizer(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([f"In: {q}\nOut: {a}" for q, a in TURNS] * 20, trainer)
+    tok.train_from_iterator([f"<|user|>\n{q}\n<|assistant|>\n{a}" for q, a in TURNS] * 20, trainer)
     path = tmp_path_factory.mktemp("neox") / "tokenizer.json"
     tok.save(str(path))
-    return load_tokenizer(path)
+    loaded = load_tokenizer(path)
+    loaded.path = path                          # for transformers' GPTNeoXTokenizerFast in the template test
+    return loaded
 
 
 @pytest.fixture(params=["sentencepiece", "neox"])
@@ -71,42 +74,122 @@ def png(size=(20, 12), colour=(200, 30, 30), mode="RGB"):
 # Prompt template and labels
 
 
+def zephyr_turns(turns):
+    """The released ZephyrChatPromptBuilder.add_turn's strings, written out (ML-Mamba,
+    mlmamba/models/backbones/llm/prompting/zephyr_prompter.py): system prompt "", eos "<|endoftext|>"."""
+    strings = []
+    for i, (q, a) in enumerate(turns):
+        strings.append(("" if i == 0 else "\n") + f"<|user|>\n{q}<|endoftext|>\n<|assistant|>\n")
+        strings.append(f"{a if a != '' else ' '}<|endoftext|>")
+    return strings
+
+
+def released_encoding(hf_tokenizer, turns):
+    """FinetuneDataset.__getitem__'s ids and labels (mlmamba/preprocessing/datasets/datasets.py), written out: each
+    turn's string tokenised alone, add_special_tokens for the first only; user turns unlabelled, answer turns labelled
+    whole."""
+    input_ids, labels = [], []
+    for turn_idx, message in enumerate(zephyr_turns(turns)):
+        ids = hf_tokenizer(message, add_special_tokens=turn_idx == 0).input_ids
+        input_ids += ids
+        labels += [IGNORE_INDEX] * len(ids) if turn_idx % 2 == 0 else list(ids)
+    return input_ids, labels
+
+
+def test_zephyr_template_ids_equal_the_released_procedure(neox_tokenizer):
+    """On a GPT-NeoX-style tokenizer.json (byte-level BPE, <|endoftext|> a special token), loaded by transformers'
+    GPTNeoXTokenizerFast as the released code loads its tokenizer: training ids and labels equal the released per-turn
+    encoding; generation prompts equal its tokenisation of the whole get_prompt() string (MLMambaVLM.generate)."""
+    from transformers import GPTNeoXTokenizerFast
+    hf = GPTNeoXTokenizerFast(tokenizer_file=str(neox_tokenizer.path), eos_token="<|endoftext|>",
+                              pad_token="<|padding|>")
+    eos = neox_tokenizer.eos_id
+    assert hf.eos_token_id == eos == 0                                  # adding special tokens adds none: no BOS
+    assert hf("Hi", add_special_tokens=True).input_ids == hf("Hi", add_special_tokens=False).input_ids
+    for k in range(1, len(TURNS) + 1):
+        ids, labels, truncated = encode_conversation(neox_tokenizer, TURNS[:k])
+        assert (ids, labels) == released_encoding(hf, TURNS[:k]) and not truncated
+        prompt = prompt_text(TURNS[:k - 1], TURNS[k - 1][0])
+        assert prompt == "".join(zephyr_turns(TURNS[:k])[:-1])
+        assert encode_prompt(neox_tokenizer, TURNS[:k - 1], TURNS[k - 1][0]) == hf(prompt).input_ids
+    # the exact strings, and where eos and the labels fall
+    assert prompt_text([], "Hi?") == "<|user|>\nHi?<|endoftext|>\n<|assistant|>\n"
+    assert prompt_text([("Hi?", "Hello.")], "Bye?") == ("<|user|>\nHi?<|endoftext|>\n<|assistant|>\nHello.<|endoftext|>"
+                                                       "\n<|user|>\nBye?<|endoftext|>\n<|assistant|>\n")
+    ids, labels, _ = encode_conversation(neox_tokenizer, TURNS[:2])
+    enc = neox_tokenizer.encode
+    first = enc(f"<|user|>\n{TURNS[0][0]}") + [eos] + enc("\n<|assistant|>\n")
+    second = enc(f"\n<|user|>\n{TURNS[1][0]}") + [eos] + enc("\n<|assistant|>\n")
+    answers = [enc(TURNS[0][1]) + [eos], enc(TURNS[1][1]) + [eos]]
+    assert ids == first + answers[0] + second + answers[1]
+    assert labels == [IGNORE_INDEX] * len(first) + answers[0] + [IGNORE_INDEX] * len(second) + answers[1]
+    assert ids[0] != eos and ids.count(eos) == 4         # no BOS; an eos inside each user turn and after each answer
+
+
+def test_alignment_captions_as_the_released_align_dataset(neox_tokenizer):
+    """AlignDataset.__getitem__ (mlmamba/preprocessing/datasets/datasets.py), written out: the prompt dropped,
+    tokenizer("{caption}<|endoftext|>") with its special tokens (none for GPT-NeoX), every label kept."""
+    from transformers import GPTNeoXTokenizerFast
+    hf = GPTNeoXTokenizerFast(tokenizer_file=str(neox_tokenizer.path), eos_token="<|endoftext|>")
+    r = record("c", [("Render a clear and concise summary of the photo.\n<image>", " A red circle. ")], image=png())
+    expected = hf("A red circle.<|endoftext|>").input_ids
+    assert encode_caption(neox_tokenizer, " A red circle. ") == (expected, expected, False)
+    example = ConversationDataset([r], neox_tokenizer, 16, align=True)[0]
+    assert example["input_ids"].tolist() == example["labels"].tolist() == expected
+    assert encode_caption(neox_tokenizer, "A red circle.", max_len=2) == (expected[:2], expected[:2], True)
+
+
 def test_labels_are_exactly_the_answers_and_their_eos(tokenizer):
     ids, labels, truncated = encode_conversation(tokenizer, TURNS)
     assert not truncated and len(ids) == len(labels)
-    # the template, spelled out and encoded piece by piece
-    expected_ids, expected_labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    for q, a in TURNS:
-        question = tokenizer.encode(f"In: {q}\nOut:")
-        answer = tokenizer.encode(f" {a}") + [tokenizer.eos_id]
+    # the template, spelled out and encoded piece by piece: eos is the tokenizer's eos id, whatever its text
+    eos = tokenizer.eos_id
+    expected_ids, expected_labels = [], []
+    for i, (q, a) in enumerate(TURNS):
+        question = tokenizer.encode(("" if i == 0 else "\n") + f"<|user|>\n{q}") + [eos] + \
+            tokenizer.encode("\n<|assistant|>\n")
+        answer = tokenizer.encode(a) + [eos]
         expected_ids += question + answer
         expected_labels += [IGNORE_INDEX] * len(question) + answer
     assert ids == expected_ids and labels == expected_labels
     # and read back: the supervised tokens are the answers, each ended by eos
     supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
-    assert supervised.count(tokenizer.eos_id) == len(TURNS) and supervised[-1] == tokenizer.eos_id
-    ends = [i for i, token in enumerate(supervised) if token == tokenizer.eos_id]
+    assert supervised.count(eos) == len(TURNS) and supervised[-1] == eos
+    ends = [i for i, token in enumerate(supervised) if token == eos]
     answers = [tokenizer.decode(supervised[start + 1:end]) for start, end in zip([-1] + ends, ends)]
-    assert answers == [f" {a}" for _, a in TURNS]
+    assert answers == [a for _, a in TURNS]
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
-    assert labels[0] == IGNORE_INDEX                                          # bos (here also eos for neox) is not
+    assert labels[0] == IGNORE_INDEX and ids[0] != tokenizer.bos_id                  # no BOS, even where there is one
+    # an empty answer is " " (the released wrap_gpt)
+    assert encode_conversation(tokenizer, [("Hi?", "")])[0][-2:] == tokenizer.encode(" ") + [eos]
+
+
+def test_sentencepiece_eos_is_its_id_not_text(sp_tokenizer):
+    """A sentencepiece model has no <|endoftext|> piece: the template's eos is id 2, never the text's characters."""
+    ids = encode_prompt(sp_tokenizer, TURNS[:1], TURNS[1][0])
+    assert sp_tokenizer.eos_id == 2 and ids.count(2) == 3
+    assert sp_tokenizer.decode(ids) == prompt_text(TURNS[:1], TURNS[1][0]).replace("<|endoftext|>", "")
+    assert "endoftext" not in sp_tokenizer.decode(ids)
 
 
 def test_generation_prompt_is_the_training_prefix(tokenizer):
     """generate.py's prompt is exactly the tokens in front of the answer in training; the rest is the answer + eos."""
+    assistant = tokenizer.encode("\n<|assistant|>\n")
     for k in range(len(TURNS)):
         ids, labels, _ = encode_conversation(tokenizer, TURNS[:k + 1])
         prompt = encode_prompt(tokenizer, TURNS[:k], TURNS[k][0])
-        assert ids[:len(prompt)] == prompt
+        assert ids[:len(prompt)] == prompt and prompt[-len(assistant):] == assistant
         assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == tokenizer.eos_id
-        assert all(label == IGNORE_INDEX for label in labels[len(prompt) - len(tokenizer.encode("Out:")):len(prompt)])
-        assert tokenizer.decode(prompt).endswith(f"In: {TURNS[k][0]}\nOut:")
+        assert all(label == IGNORE_INDEX for label in labels[len(prompt) - len(assistant) - 1:len(prompt)])
+        expected = prompt_text(TURNS[:k], TURNS[k][0])
+        assert tokenizer.decode(prompt) == expected.replace("<|endoftext|>", "")
 
 
-def test_image_marker_is_removed_with_its_newline(sp_tokenizer):
+def test_image_marker_is_removed_as_the_released_code_does(sp_tokenizer):
+    """message.replace("<image>", "").strip(), as ZephyrChatPromptBuilder.add_turn."""
     for text in ("<image>\nWhat is this?", "What is this?\n<image>", "<image>What is this?", " What is this? <image>"):
         assert strip_image_marker(text) == "What is this?"
-    assert strip_image_marker("Look.\n<image>\nWhat is this?") == "Look.\nWhat is this?"
+    assert strip_image_marker("Look.\n<image>\nWhat is this?") == "Look.\n\nWhat is this?"
     r = record("m", [("<image>\nWhat is this?", "A cat.")], image="x.png")
     assert conversation_turns(r) == [("What is this?", "A cat.")]
     ids, _, _ = encode_conversation(sp_tokenizer, conversation_turns(r))
@@ -121,14 +204,14 @@ def test_truncation_keeps_whole_turns_then_the_answer(tokenizer):
     assert truncated and (ids, labels) == (two, two_labels)
     # the first turn alone is too long: the question loses its start, the answer and eos stay
     one, _, _ = encode_conversation(tokenizer, TURNS[:1])
-    answer = tokenizer.encode(f" {TURNS[0][1]}") + [tokenizer.eos_id]
+    answer = tokenizer.encode(TURNS[0][1]) + [tokenizer.eos_id]
     max_len = len(one) - 4
     ids, labels, truncated = encode_conversation(tokenizer, TURNS, max_len=max_len)
-    assert truncated and len(ids) == max_len and ids[0] == tokenizer.bos_id
+    assert truncated and len(ids) == max_len
     assert ids[-len(answer):] == answer and labels[-len(answer):] == answer
-    assert ids[1:-len(answer)] == one[5:-len(answer)]                        # the question's end, "Out:" included
+    assert ids[:-len(answer)] == one[4:-len(answer)]                 # the question's end, "<|assistant|>\n" included
     assert all(label == IGNORE_INDEX for label in labels[:-len(answer)])
-    # not even the answer fits: plain cut, the answer's start still supervised
+    # not even the answer fits: plain cut
     ids, labels, truncated = encode_conversation(tokenizer, TURNS, max_len=3)
     assert truncated and ids == one[:3] and labels == [IGNORE_INDEX] * 3
     # nothing to cut
@@ -166,12 +249,14 @@ def test_collate_right_pads_and_stacks_the_images(sp_tokenizer):
 
 
 def test_tokenizer_without_bos_or_pad(sp_tokenizer):
-    """No bos: the text starts with the first question; no pad id: rows are padded with eos, never supervised."""
+    """No bos: the same ids (the template has none); no pad id: rows are padded with eos, never supervised; no eos:
+    no template."""
     bare = SimpleNamespace(encode=sp_tokenizer.encode, decode=sp_tokenizer.decode, bos_id=None,
                            eos_id=sp_tokenizer.eos_id, pad_id=None)
     ids, labels, _ = encode_conversation(bare, TURNS[:1])
-    assert ids == encode_conversation(sp_tokenizer, TURNS[:1])[0][1:] and labels[0] == IGNORE_INDEX
-    assert encode_prompt(bare, [], "Hi?") == sp_tokenizer.encode("In: Hi?\nOut:")
+    assert ids == encode_conversation(sp_tokenizer, TURNS[:1])[0] and labels[0] == IGNORE_INDEX
+    assert encode_prompt(bare, [], "Hi?") == (sp_tokenizer.encode("<|user|>\nHi?") + [sp_tokenizer.eos_id]
+                                              + sp_tokenizer.encode("\n<|assistant|>\n"))
     dataset = ConversationDataset([record("a", TURNS), record("b", TURNS[:1])], bare, 16)
     batch = dataset.collate([dataset[0], dataset[1]])
     n = int(batch["lengths"][1])
@@ -409,9 +494,11 @@ def test_shapes_at_32_pixels_keep_their_colour(shapes):
 def test_trained_tokenizer_round_trips_any_text(sp_tokenizer):
     assert (sp_tokenizer.bos_id, sp_tokenizer.eos_id, sp_tokenizer.pad_id) == (1, 2, 3)
     assert sp_tokenizer.vocab_size <= 512
-    for text in ["In: What colour is the circle?\nOut: red", "  two  spaces\n\nand lines ", "unseen: Ω ∑ 😀 Zebra"]:
+    for text in ["<|user|>\nWhat colour is the circle?", "\n<|assistant|>\n", "  two  spaces\n\nand lines ",
+                 "unseen: Ω ∑ 😀 Zebra"]:
         assert sp_tokenizer.decode(sp_tokenizer.encode(text)) == text
-    for word in (" red", " triangle", " yes"):                        # the dataset's words became single pieces
+    assert [sp_tokenizer.encode(s) for s in ("<|user|>", "<|assistant|>")] == [[4], [5]]     # the template's, whole
+    for word in (" red", "triangle", "yes"):                          # the dataset's words became single pieces
         assert len(sp_tokenizer.encode(word)) == 1, word
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_tokenizer([record("a", TURNS)], "/nonexistent/x.model", vocab_size=100)

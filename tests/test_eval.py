@@ -1,6 +1,8 @@
 """eval.py: its metrics on hand-made predictions with answers worked out by hand (VQA accuracy and normalisation, POPE
-precision / recall / F1 / yes-ratio, multiple-choice letters), the public file formats, the whole run from files to
-table and JSON with known predictions, its batched answers against generate.py's single runs, and bad input."""
+precision / recall / F1 / yes-ratio, the areas under the curves, VSR's true/false, VizWiz's unanswerable answers,
+multiple-choice letters), the public file formats (POPE, VSR, VizWiz, VQA, LLaVA, multiple choice), the whole run from
+files to table and JSON with known predictions, answers scored by probability against greedy generation and against
+the recurrent step, its batched answers against generate.py's single runs, and bad input."""
 import importlib
 import io
 import json
@@ -14,7 +16,7 @@ import torch
 
 import generate
 from mlmamba import Mamba2LM
-from test_generate import QUESTIONS, ROOT, images, run_dir      # noqa: F401 (the fixtures)
+from test_generate import QUESTIONS, ROOT, images, load, run_dir      # noqa: F401 (the fixtures)
 
 ev = importlib.import_module("eval")                             # the file eval.py; `eval` alone is the builtin
 
@@ -57,6 +59,38 @@ def test_pope_metrics():
     assert metrics == pytest.approx(dict(accuracy=3 / 6, precision=2 / 4, recall=2 / 3, f1=4 / 7, yes_ratio=4 / 6))
     assert ev.pope_metrics([False, False], [True, False]) == dict(accuracy=0.5, precision=0.0, recall=0.0, f1=0.0,
                                                                    yes_ratio=0.0)
+
+
+def test_areas_under_the_curves():
+    """Worked out by hand. Scores .9 .8 .7 .6 .5 for labels 1 0 1 0 1: of the 3 x 2 (positive, negative) pairs the
+    positive scores higher in (.9, .8), (.9, .6), (.7, .6): AUC-ROC 3/6. AP: precision where each positive comes in,
+    1/1, 2/3, 3/5, each adding 1/3 of the recall."""
+    scores, labels = [0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 0, 1]
+    assert ev.auc_roc(scores, labels) == pytest.approx(3 / 6)
+    assert ev.average_precision(scores, labels) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert ev.auc_roc([0.9, 0.1], [1, 0]) == 1.0 and ev.auc_roc([0.1, 0.9], [1, 0]) == 0.0
+    assert ev.auc_roc([0.5, 0.5, 0.5], [1, 0, 1]) == 0.5                 # ties count half
+    assert ev.average_precision([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == 0.5   # one threshold: precision 2/4
+    assert ev.auc_roc([0.3, 0.4], [1, 1]) is None and ev.average_precision([0.3], [0]) is None
+
+
+def test_vsr_and_vizwiz_scores():
+    assert [ev.read_true_false(a) for a in ("True", "false.", " TRUE, it is", "Yes", "", "truly")] == \
+        [True, False, True, None, None, None]
+    vsr = [ev.Item(str(i), None, "q", [t]) for i, t in enumerate(["true", "false", "true"])]
+    metrics, scores = ev.score("vsr", vsr, ["True", "True", "maybe"])
+    assert metrics == dict(accuracy=1 / 3, no_answer=1) and scores == [1.0, 0.0, 0.0]
+    metrics, _ = ev.score("vsr", vsr, ["True", "False", "False"], probabilities=[[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
+    assert metrics == dict(accuracy=2 / 3, no_answer=0, auc_roc=1.0, auc_pr=1.0)
+    # VizWiz: ten annotators each; unanswerable questions mostly answered "unanswerable"
+    vizwiz = [ev.Item("0", None, "q", ["unanswerable"] * 8 + ["blue", "unsuitable"], answerable=False),
+              ev.Item("1", None, "q", ["red"] * 10, answerable=True),
+              ev.Item("2", None, "q", ["unanswerable"] * 10, answerable=False),
+              ev.Item("3", None, "q", ["soup"] * 2 + ["unanswerable"] * 8, answerable=True)]
+    metrics, scores = ev.score("vizwiz", vizwiz, ["Unanswerable.", "Red", "a cat", "unanswerable"])
+    assert scores == pytest.approx([1.0, 1.0, 0.0, 1.0])          # "Unanswerable." normalises to the references'
+    assert metrics == pytest.approx(dict(accuracy=0.75, answerable_accuracy=1.0, unanswerable_accuracy=0.5,
+                                         unanswerable_precision=0.5, unanswerable_recall=0.5, unanswerable_f1=0.5))
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -113,14 +147,31 @@ def benchmark_files(tmp_path, images):  # noqa: F811
         dict(id=2, image=square, question="Which colour?", hint="Look closely.", choices=["red", "blue"], answer=1),
         dict(id=3, question="Which is a number?", options={"A": "cat", "B": "two", "C": "dog", "D": "sun"},
              answer="(B)")])
-    return dict(pope=pope, vqa=vqa, llava=llava, mc=mc, folder=folder)
+    vsr = write_jsonl(folder / "test.jsonl", [        # VSR's zero-shot test.jsonl (cambridgeltl/vsr_zeroshot)
+        dict(image="circle.png", image_link="http://images.cocodataset.org/val2017/circle.png",
+             caption="The circle is at the left side of the square.", label=1, relation="left of", subj="circle",
+             obj="square", annotator_id=3, vote_true_validator_id=[1], vote_false_validator_id=[]),
+        dict(image="square.jpg", image_link="http://images.cocodataset.org/val2017/square.jpg",
+             caption="The square is above the cat.", label=0, relation="above", subj="square", obj="cat",
+             annotator_id=5, vote_true_validator_id=[], vote_false_validator_id=[2, 4])])
+    for name in ("circle.png", "square.jpg"):
+        shutil.copy(folder / "img" / name, folder / name)
+    answers = lambda *pairs: [dict(answer=a, answer_confidence=conf) for a, n, conf in pairs for _ in range(n)]
+    vizwiz = folder / "val.json"                       # VizWiz's Annotations.zip val.json: one JSON list
+    vizwiz.write_text(json.dumps([
+        dict(image="img/circle.png", question="What colour is this?", answerable=1, answer_type="other",
+             answers=answers(("red", 7, "yes"), ("dark red", 2, "maybe"), ("unanswerable", 1, "no"))),
+        dict(image="img/square.jpg", question="What does this label say?", answerable=0, answer_type="unanswerable",
+             answers=answers(("unanswerable", 9, "yes"), ("blue", 1, "maybe")))]))
+    return dict(pope=pope, vqa=vqa, llava=llava, mc=mc, vsr=vsr, vizwiz=vizwiz, folder=folder)
 
 
 def test_reading_the_public_formats(benchmark_files):
     folder = benchmark_files["folder"]
     task, pope = ev.load_items(benchmark_files["pope"], folder)
     assert task == "pope" and [i.references for i in pope] == [["yes"], ["no"], ["yes"], ["no"]]
-    assert pope[0].id == "1" and pope[0].question == "Is there a circle in the image?"
+    assert pope[0].id == "1" and pope[0].question == ("Is there a circle in the image?\n"
+                                                      "Answer the question using a single word or phrase.")
     task, vqa = ev.load_items(benchmark_files["vqa"], folder)
     assert task == "vqa" and vqa[0].references == ["red"] * 3 + ["orange"] * 7 and vqa[1].references == ["one"]
     assert vqa[2].image is None
@@ -131,6 +182,15 @@ def test_reading_the_public_formats(benchmark_files):
     assert task == "mc" and [i.references for i in mc] == [["A"], ["B"], ["B"]]
     assert mc[1].options == ["red", "blue"] and mc[1].question.startswith("Look closely.\nWhich colour?\nA. red")
     assert mc[2].options == ["cat", "two", "dog", "sun"]
+    task, vsr = ev.load_items(benchmark_files["vsr"], folder)
+    assert task == "vsr" and [i.references for i in vsr] == [["true"], ["false"]] and vsr[0].image == "circle.png"
+    assert vsr[1].question == ('Based on the image, is this statement "True" or "False"? The square is above the cat.'
+                               '\nRespond with "True" or "False" directly.')
+    task, vizwiz = ev.load_items(benchmark_files["vizwiz"], folder)
+    assert task == "vizwiz" and [i.answerable for i in vizwiz] == [True, False]
+    assert vizwiz[1].references == ["unanswerable"] * 9 + ["blue"] and vizwiz[0].references[7:9] == ["dark red"] * 2
+    assert vizwiz[0].question == ("What colour is this?\nWhen the provided information is insufficient, respond with "
+                                  "'Unanswerable'.\nAnswer the question using a single word or phrase.")
 
 
 def test_bad_benchmark_files(benchmark_files, tmp_path):
@@ -142,6 +202,12 @@ def test_bad_benchmark_files(benchmark_files, tmp_path):
     with pytest.raises(ValueError, match=r"2 of 3 records do not fit task pope: record 1: label 'maybe' is not yes or "
                                          r"no; record 2: no 'text' field"):
         ev.load_items(bad, folder)
+    bad_vsr = write_jsonl(tmp_path / "bad_vsr.jsonl", [dict(image="x.png", caption="A cat.", label=2)])
+    with pytest.raises(ValueError, match="record 0: label 2 is not 1 or 0"):
+        ev.load_items(bad_vsr, folder)
+    test_split = write_jsonl(tmp_path / "test.json", [dict(image="x.png", question="What?", answerable=1)])
+    with pytest.raises(ValueError, match="record 0: no 'answers' field, which vizwiz needs"):
+        ev.load_items(test_split, folder)
     bad_mc = write_jsonl(tmp_path / "bad_mc.jsonl", [dict(question="Which?", options=["a", "b"], answer="C")])
     with pytest.raises(ValueError, match="answer 'C' is not one of the options' letters AB"):
         ev.load_items(bad_mc, folder)
@@ -155,6 +221,84 @@ def test_bad_benchmark_files(benchmark_files, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Answers scored by probability
+
+
+def rows_and_prompts(tokenizer, images):  # noqa: F811
+    """An image row, a text-only row and another image row, prompts of different lengths."""
+    rows = [(generate.read_image(images[0]), QUESTIONS[0]), (None, QUESTIONS[1]), (generate.read_image(images[1]),
+                                                                                  QUESTIONS[2])]
+    return [image for image, _ in rows], [generate.encode_question(tokenizer, q) for _, q in rows]
+
+
+def test_probabilities_agree_with_greedy_generation(run_dir, images):  # noqa: F811
+    """Every token of the vocabulary scored as a one-token answer in one forward pass: the likeliest is the first token
+    greedy generation gives, row by row. So wherever the first generated token is "Yes" or "No", the likelier of the
+    two by probability is that token. Two answers get the full distribution's probabilities, renormalised."""
+    model, tokenizer = load(run_dir)
+    pictures, prompts = rows_and_prompts(tokenizer, images)
+    vocab = model.config.lm.vocab_size
+    probabilities = ev.sequence_probabilities(model, tokenizer, pictures, prompts, [[t] for t in range(vocab)])
+    greedy = model.generate(**generate.make_batch(model, tokenizer, pictures, prompts), max_new_tokens=1)
+    assert probabilities.argmax(-1).tolist() == [tokens[0] for tokens in greedy]
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
+    pair = [greedy[0][0], (greedy[0][0] + 1) % vocab]
+    got = ev.sequence_probabilities(model, tokenizer, pictures, prompts, [[t] for t in pair])
+    expected = probabilities[:, pair]
+    torch.testing.assert_close(got, expected / expected.sum(-1, keepdim=True))
+    assert (got[0, 0] > got[0, 1]).item()
+
+
+def test_answers_of_several_tokens_against_the_recurrent_step(run_dir, images):  # noqa: F811
+    """This tokenizer splits "Yes" and "No": each answer's probability is then its tokens' product, computed here by
+    prefilling each row alone and stepping the LM through the answer (the path generation takes), renormalised."""
+    model, tokenizer = load(run_dir)
+    pictures, prompts = rows_and_prompts(tokenizer, images)
+    answers = ["Yes", "No"]
+    assert min(len(tokenizer.encode(a)) for a in answers) > 1             # the several-token path is what runs
+    got = ev.answer_probabilities(model, tokenizer, pictures, prompts, answers)
+    batch = generate.make_batch(model, tokenizer, pictures, prompts)
+    vocab = model.config.lm.vocab_size
+    with torch.no_grad():
+        embeds, text_start, lengths = model.embed(**batch)
+        expected = []
+        for row in range(len(prompts)):
+            end = int(text_start[row] + lengths[row])
+            log_probs = []
+            for answer in answers:
+                cache = model.lm.allocate_cache(1)
+                logits, total = model.lm(inputs_embeds=embeds[row:row + 1, :end], cache=cache)[:, -1], 0.0
+                for token in tokenizer.encode(answer):
+                    total += logits[0, :vocab].float().log_softmax(-1)[token]
+                    logits = model.lm.step(torch.tensor([token]), cache)
+                log_probs.append(total)
+            expected.append(torch.stack(log_probs).softmax(-1))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_yes_no_benchmarks_are_scored_by_probability_by_default(run_dir, benchmark_files, tmp_path):  # noqa: F811
+    """POPE ("Yes"/"No") and VSR ("True"/"False") files through eval.run: each prediction is the likelier answer of
+    `answer_probabilities`, which the JSON keeps; the metrics add the areas under the curves."""
+    folder = benchmark_files["folder"]
+    report = ev.run(ev.EvalConfig(data=[str(benchmark_files["pope"]), str(benchmark_files["vsr"])], ckpt=str(run_dir),
+                                  images=str(folder), out=str(tmp_path / "r.json"), batch_size=3, dtype="fp32",
+                                  device="cpu"))
+    model, tokenizer = load(run_dir)
+    for result, answers in zip(report["results"], (("Yes", "No"), ("True", "False"))):
+        assert result["scoring"] == "probability" and {"auc_roc", "auc_pr"} <= set(result["metrics"])
+        _, items = ev.load_items(result["data"], folder)
+        pictures = [generate.read_image(folder / item.image) for item in items]
+        prompts = [generate.encode_question(tokenizer, item.question) for item in items]
+        expected = ev.answer_probabilities(model, tokenizer, pictures, prompts, answers).tolist()
+        for row, p in zip(result["predictions"], expected):
+            assert list(row["probabilities"]) == list(answers)
+            assert list(row["probabilities"].values()) == pytest.approx(p, abs=1e-5)
+            assert row["prediction"] == answers[0 if p[0] >= p[1] else 1]
+        metrics, _ = ev.score(result["task"], items, [r["prediction"] for r in result["predictions"]])
+        assert metrics["accuracy"] == result["metrics"]["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The whole run
 
 
@@ -164,6 +308,8 @@ def test_run_with_known_predictions(run_dir, benchmark_files, tmp_path, monkeypa
         "pope": ["Yes, there is.", "yes", "No.", "no"],                  # TP 1, FP 1, FN 1, TN 1
         "vqa": ["Red", "1", "yes"],                     # 0.9 (3 of 10), 1 ("one"), (1/3 + 1/3 + 2/3) / 3 (2 of 3)
         "mc": ["A", "The answer is A.", "two"],                          # right, wrong, right (by the option's text)
+        "vsr": ["False.", "False"],                                      # wrong, right
+        "vizwiz": ["Red", "Unanswerable"],                               # 1 (7 of 10), 1 (9 of 10)
     }
     tasks = iter(made_up)
 
@@ -174,9 +320,13 @@ def test_run_with_known_predictions(run_dir, benchmark_files, tmp_path, monkeypa
 
     monkeypatch.setattr(ev, "predict", predict)
     out = tmp_path / "results.json"
-    report = ev.run(ev.EvalConfig(data=[str(benchmark_files[k]) for k in ("pope", "vqa", "mc")], ckpt=str(run_dir),
-                                  images=str(benchmark_files["folder"]), out=str(out), dtype="fp32"))
-    pope, vqa, mc = (r["metrics"] for r in report["results"])
+    report = ev.run(ev.EvalConfig(data=[str(benchmark_files[k]) for k in made_up], ckpt=str(run_dir),
+                                  images=str(benchmark_files["folder"]), out=str(out), dtype="fp32", scoring="generate"))
+    pope, vqa, mc, vsr, vizwiz = (r["metrics"] for r in report["results"])
+    assert [r["scoring"] for r in report["results"]] == ["generate"] * 5
+    assert vsr == dict(accuracy=0.5, no_answer=0)
+    assert vizwiz == pytest.approx(dict(accuracy=1.0, answerable_accuracy=1.0, unanswerable_accuracy=1.0,
+                                        unanswerable_precision=1.0, unanswerable_recall=1.0, unanswerable_f1=1.0))
     assert pope == pytest.approx(dict(accuracy=0.5, precision=0.5, recall=0.5, f1=0.5, yes_ratio=0.5))
     assert vqa == pytest.approx(dict(accuracy=(0.9 + 1 + 4 / 9) / 3, exact_match=1 / 3))   # only "yes" is verbatim
     assert mc == pytest.approx(dict(accuracy=2 / 3, no_option=0))
@@ -195,7 +345,7 @@ def test_results_go_beside_the_checkpoint(run_dir, benchmark_files, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ev, "predict", lambda model, tokenizer, items, *args, **kwargs: ["yes"] * len(items))
     config = ev.EvalConfig(data=[str(benchmark_files["pope"])], ckpt=str(run_dir),
-                           images=str(benchmark_files["folder"]), dtype="fp32")
+                           images=str(benchmark_files["folder"]), dtype="fp32", scoring="generate")
     log = io.StringIO()
     report = ev.run(config, log=log)
     assert json.loads((run_dir / "eval.json").read_text()) == json.loads(json.dumps(report))
@@ -242,7 +392,8 @@ def test_cli_in_a_subprocess(run_dir, benchmark_files, tmp_path):  # noqa: F811
 @pytest.mark.parametrize("argv, expected", [
     (["--data", "nowhere.jsonl"], "nowhere.jsonl does not exist"),
     ([], "give a benchmark file with --data"),
-    (["--data", "x.json", "--task", "caption"], "--task must be auto, vqa, pope or mc"),
+    (["--data", "x.json", "--task", "caption"], "--task must be auto, vqa, pope, vsr, vizwiz or mc"),
+    (["--data", "x.json", "--scoring", "vote"], "--scoring must be probability or generate"),
     (["--data", "x.json", "--batch_size", "0"], "--batch_size must be positive"),
 ])
 def test_cli_errors(run_dir, capsys, argv, expected):  # noqa: F811

@@ -500,7 +500,7 @@ def image_files(draw):
 
 
 @FUZZ
-@given(image_files(), st.sampled_from(["letterbox", "resize"]))
+@given(image_files(), st.sampled_from(vision.RESIZE_STRATEGIES))
 def test_images(raw, resize):
     with folder_with({"image.bin": raw}) as folder:
         pixels = attempt("images", lambda: vision.preprocess(folder / "image.bin", 16, resize), [folder / "image.bin"])

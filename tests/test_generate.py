@@ -31,7 +31,8 @@ def tiny_config(vocab_size):
     return MLMambaConfig(
         vision=VisionConfig(image_size=S, patch_size=4, width=32, depth=2, heads=2, mlp_dim=64, feature_layer=None),
         connector=ConnectorConfig(scan="cross"),
-        lm=Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab_size, d_state=16, headdim=8, chunk_size=16))
+        lm=Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab_size, d_state=16, headdim=8, chunk_size=16),
+        image_resize_strategy="letterbox")
 
 
 @torch.no_grad()
@@ -158,7 +159,8 @@ def test_equals_model_generate_on_inputs_built_by_hand(run_dir, images):
     """generate.py's prompt template, image preprocessing and batching against MLMamba.generate on a prompt spelled
     out as training writes it and an image letterboxed by vision.preprocess."""
     model, tokenizer = load(run_dir)
-    ids = [[tokenizer.bos_id] + tokenizer.encode(f"In: {q}\nOut:") for q in QUESTIONS[:2]]
+    ids = [tokenizer.encode(f"<|user|>\n{q}") + [tokenizer.eos_id] + tokenizer.encode("\n<|assistant|>\n")
+           for q in QUESTIONS[:2]]                                              # the Zephyr template, no BOS
     input_ids = torch.full((2, max(map(len, ids))), tokenizer.pad_id)
     for row, prompt in enumerate(ids):
         input_ids[row, :len(prompt)] = torch.tensor(prompt)

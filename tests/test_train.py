@@ -108,6 +108,32 @@ def test_both_presets_train_the_papers_connector_on_a_grid_where_order_matters()
         assert not torch.equal(diagonal, scan_permutation("row", side, side))
 
 
+def test_paper_recipe_sets_the_released_settings():
+    """--recipe paper: the released config's numbers for each stage (mlmamba/conf/models.py, the run's config.json),
+    under any flag given explicitly; it needs a stage."""
+    c, _ = train.parse_args(["--recipe", "paper", "--stage", "2", "--init", "x"])
+    assert (c.lr, c.batch_size, c.micro_batch_size, c.weight_decay, c.epochs, c.warmup_ratio, c.min_lr) == \
+        (2e-5, 128, 8, 0.1, 1, 0.03, 0.0)
+    assert (c.beta1, c.beta2, c.grad_clip, c.precision, c.grad_checkpointing, c.image_resize_strategy) == \
+        (0.9, 0.999, 1.0, "bf16", True, "resize-naive")
+    c, _ = train.parse_args(["--recipe", "paper", "--stage", "1", "--init", "x", "--lr", "5e-4"])
+    assert (c.lr, c.batch_size, c.weight_decay) == (5e-4, 256, 0.0)
+    with pytest.raises(train.TrainingError, match="give --stage 1 or --stage 2"):
+        train.parse_args(["--recipe", "paper"])
+
+
+def test_epochs_and_warmup_ratio_set_the_schedule_as_the_released_code_counts():
+    """Records rounded up to whole batches, times the epochs; warmup floored (fsdp.py run_setup)."""
+    quiet = type("Ranks", (), {"main": False})()
+    c = train.schedule_from_epochs(train.TrainConfig(epochs=2, batch_size=128, warmup_ratio=0.03), 1000, quiet)
+    assert (c.steps, c.warmup_steps) == (16, 0)                    # ceil(1000 / 128) = 8 batches per epoch
+    c = train.schedule_from_epochs(train.TrainConfig(epochs=1, batch_size=128, warmup_ratio=0.03), 665_298, quiet)
+    assert (c.steps, c.warmup_steps) == (5198, 155)                # LLaVA-665K at the released batch
+    assert train.schedule_from_epochs(train.TrainConfig(steps=7), 1000, quiet).steps == 7
+    with pytest.raises(train.TrainingError, match="--epochs must be positive"):
+        train.check_config(train.TrainConfig(epochs=0))
+
+
 def test_weight_decay_is_chosen_by_name():
     """As mamba_ssm and the released recipe: decay on the weights of linear maps, convolutions and embeddings; none
     on biases, norms (LayerNorm, RMSNorm, the gated norm), DINOv2's layer scale, or the SSMs' A_log, dt_bias and D,
