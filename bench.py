@@ -257,7 +257,7 @@ def bench_vision(args, bw):
     against transformers' SiglipVisionModel (sdpa) with the same weights, forward only."""
     import tempfile
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    from vision import load_vision
+    from checkpoints import load_vision
     batch, width, depth, heads, mlp, patch, image = 32, 1152, 27, 16, 4304, 14, 384
     if args.quick:
         batch, depth = 4, 2
@@ -372,13 +372,14 @@ def profile_ssd(args, bw):
     # the state passing kernel alone, at a few tile sizes: one read and one write of the (4, 8, 80, 64, 128) states
     from ssd_kernel import _state_passing_kernel
     states = torch.randn(4, 8, 80, 64 * 128, device="cuda")
-    acs_end = -torch.rand(4, 80, 8, device="cuda")
+    a_cumsum_end = -torch.rand(4, 80, 8, device="cuda")
     final = torch.empty(4, 80, 64 * 128, device="cuda")
     rows = []
     for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8)):
         run = lambda: _state_passing_kernel[(triton.cdiv(64 * 128, block), 4, 80)](
-            states, acs_end, final, final, states, final, 8, 64 * 128, *states.stride()[:3], *acs_end.stride(),
-            final.stride(0), final.stride(1), HAS_INIT=False, REVERSE=False, BLOCK=block, num_warps=warps)
+            states, a_cumsum_end, final, final, states, final, 8, 64 * 128, *states.stride()[:3],
+            *a_cumsum_end.stride(), final.stride(0), final.stride(1), HAS_INITIAL_STATE=False, REVERSE=False,
+            BLOCK=block, num_warps=warps)
         ms = bench_ms(run)
         floor = 2 * states.numel() * 4 / bw * 1e3
         rows.append(Row("profile", f"state passing BLOCK {block} warps {warps}", ms, f"floor {floor:.3f} ({floor / ms:.0%})"))

@@ -13,7 +13,7 @@
 6. main        problems the user can fix as one line on stderr and exit status 1, with advice on out-of-memory
 
 Checkpoints: `--ckpt` takes what train.py writes (`out_dir/ckpt-NNNNNN/`: model.safetensors and config.json from
-`MLMamba.save_pretrained`, the run's tokenizer beside them), or the out_dir itself. Public Mamba-2 and SigLIP weights
+`checkpoints.save_pretrained`, the run's tokenizer beside them), or the out_dir itself. Public Mamba-2 and SigLIP weights
 need a connector trained for them first, and a stage-1 checkpoint of train.py (`python train.py --lm MAMBA2_DIR
 --vision SIGLIP_DIR --stage 1 ...`) is exactly that: the public weights with the connector, one directory.
 
@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 from flags import option, parse_config
-from mlmamba import Mamba2Cache, MLMamba
+from mlmamba import Mamba2Cache
 from tokenizer import load_tokenizer
 from vision import ImageTransform, load_image
 
@@ -157,7 +158,7 @@ def find_checkpoint(path):
         raise GenerateError(f"{path} holds a vision encoder alone, not ML-Mamba: train a connector with it first "
                             f"(python train.py --lm MAMBA2_DIR --vision {path} --stage 1 ...)")
     raise GenerateError(f"{config}: unknown checkpoint layout (fields {sorted(raw)[:8]}); expected the "
-                        f"'vision', 'connector' and 'lm' of MLMamba.save_pretrained, as train.py writes")
+                        f"'vision', 'connector' and 'lm' of checkpoints.save_pretrained, as train.py writes")
 
 
 def is_release(path):
@@ -185,9 +186,9 @@ def load_checkpoint(path, device, dtype, vision=None, dinov2=None, tokenizer=Non
     try:
         tokenizer = load_tokenizer(tokenizer or (directory.parent.parent if directory.suffix == ".pt" else directory))
         if release:
-            model = MLMamba.load_release(directory, vision, dinov2_path=dinov2, dtype=dtype, device=device).eval()
+            model = checkpoints.load_release(directory, vision, dinov2_path=dinov2, dtype=dtype, device=device).eval()
         else:
-            model = MLMamba.load_pretrained(directory, dtype=dtype, device=device).eval()
+            model = checkpoints.load_pretrained(directory, dtype=dtype, device=device).eval()
     except (ValueError, FileNotFoundError) as e:
         raise GenerateError(one_line(e)) from None
     if tokenizer.eos_id is None:

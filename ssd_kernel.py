@@ -15,9 +15,22 @@ On tensors off a GPU, without TRITON_INTERPRET=1, `ssd_scan` and `ssd_step` run 
 
 Shapes follow mamba_ssm's `mamba_chunk_scan_combined`:
     x (batch, seqlen, nheads, headdim)   dt (batch, seqlen, nheads)   A (nheads,)
-    B, C (batch, seqlen, ngroups, dstate)   D (nheads,) or (nheads, headdim)   state (batch, nheads, headdim, dstate)
-Heads share B and C in groups: head h reads group h // (nheads // ngroups).
+    B, C (batch, seqlen, ngroups, dstate)   D (nheads,)   state (batch, nheads, headdim, dstate)
+Heads share B and C in groups: head i reads group i // (nheads // ngroups).
 Δ = softplus(dt + dt_bias) when dt_softplus, else dt + dt_bias.
+
+One name for each quantity, from ssd_naive through ssd_reference to the kernels (Listing 1's where it has one):
+    P, N          headdim, dstate
+    delta         Δ_t, the step size
+    a             a_t = Δ_t A, the log-decay of step t (Listing 1's discretized A)
+    a_cumsum      a_cumsum_t = Σ_{s≤t} a_s within a chunk (Listing 1's A_cumsum)
+    L             L_ts = exp(a_cumsum_t − a_cumsum_s) for s ≤ t, else 0: the 1-semiseparable mask
+    cb            C_t·B_s;   M_ts = C_t·B_s L_ts Δ_s, the matrix of y = M x + D x
+    h             the state; `state`, `initial_state`, `final_state` where a signature names it; h_c at the end of
+                  chunk c, so the state entering chunk c is h_{c-1}
+    chunk_states  per chunk, the state that the chunk's own inputs leave at its end (step 2)
+    prev_states   per chunk, the state h_{c-1} entering it (step 3's output, read by step 4)
+    dX            ∂ℓ/∂X, the gradient of the loss ℓ with respect to X
 """
 import functools
 import os
@@ -61,6 +74,12 @@ def _delta(dt, dt_bias, dt_softplus):
     return F.softplus(dt) if dt_softplus else dt
 
 
+def _check_D(D, nheads):
+    if D is not None and tuple(D.shape) != (nheads,):
+        raise ValueError(f"ssd: D has shape {tuple(D.shape)}, expected ({nheads},): one skip weight per head "
+                         f"(a D per head and channel, mamba_ssm's D_has_hdim, is not supported)")
+
+
 def _check_inputs(x, dt, A, B, C, D, initial_state):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -73,13 +92,7 @@ def _check_inputs(x, dt, A, B, C, D, initial_state):
             raise ValueError(f"ssd: {name} has shape {tuple(t.shape)}, expected {shape} (x is {tuple(x.shape)})")
     if nheads % ngroups:
         raise ValueError(f"ssd: ngroups={ngroups} must divide nheads={nheads}")
-    if D is not None and tuple(D.shape) not in ((nheads,), (nheads, headdim)):
-        raise ValueError(f"ssd: D has shape {tuple(D.shape)}, expected ({nheads},) or ({nheads}, {headdim})")
-
-
-def _d_term(D, x):
-    """The skip connection D x_t, for D of shape (nheads,) or (nheads, headdim)."""
-    return x * (D[:, None] if D.dim() == 1 else D).to(x.dtype)
+    _check_D(D, nheads)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,20 +107,20 @@ def ssd_naive(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_s
     _check_inputs(x, dt, A, B, C, D, initial_state)
     batch, seqlen, nheads, headdim = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
-    delta = _delta(dt, dt_bias, dt_softplus).to(dtype)                            # (batch, seqlen, nheads)
+    delta = _delta(dt, dt_bias, dt_softplus).to(dtype)                   # (batch, seqlen, nheads)
     x_, A_ = x.to(dtype), A.to(dtype)
-    B_ = repeat(B.to(dtype), "b l g n -> b l (g r) n", r=nheads // B.shape[2])    # (batch, seqlen, nheads, dstate)
+    B_ = repeat(B.to(dtype), "b l g n -> b l (g r) n", r=nheads // B.shape[2])   # each head its group's
     C_ = repeat(C.to(dtype), "b l g n -> b l (g r) n", r=nheads // C.shape[2])
     h = x_.new_zeros(batch, nheads, headdim, B.shape[3]) if initial_state is None else initial_state.to(dtype)
     ys = []
     for t in range(seqlen):
-        decay = torch.exp(delta[:, t] * A_)                                        # (batch, nheads)
-        h = decay[:, :, None, None] * h + torch.einsum(
-            "bh,bhp,bhn->bhpn", delta[:, t], x_[:, t], B_[:, t])                   # (batch, nheads, headdim, dstate)
+        decay = torch.exp(delta[:, t] * A_)                              # exp(a_t), (batch, nheads)
+        # h: (batch, nheads, headdim, dstate)
+        h = decay[:, :, None, None] * h + torch.einsum("bh,bhp,bhn->bhpn", delta[:, t], x_[:, t], B_[:, t])
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C_[:, t]))
-    y = torch.stack(ys, dim=1)                                                     # (batch, seqlen, nheads, headdim)
+    y = torch.stack(ys, dim=1)                                           # like x
     if D is not None:
-        y = y + _d_term(D.to(dtype), x_)
+        y = y + x_ * D.to(dtype)[:, None]
     y = y.to(x.dtype)
     return (y, h) if return_final_state else y
 
@@ -119,8 +132,9 @@ def ssd_naive(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_s
 def segsum(a):
     """Segment sums: out[..., i, j] = a_{j+1} + … + a_i for j ≤ i, -inf above the diagonal.
 
-    exp(segsum(ΔA)) is the 1-semiseparable mask L of the paper (§3, eq. (4)): L_ij = exp(Δ_{j+1}A + … + Δ_iA).
-    Summed per column rather than as a difference of cumsums, which would cancel catastrophically in float32."""
+    With a_t = Δ_t A, exp(segsum(a)) is the 1-semiseparable mask L of the paper (§3, eq. (4)):
+    L_ij = exp(a_{j+1} + … + a_i). Summed per column rather than as a difference of cumsums, which would cancel
+    catastrophically in float32."""
     T = a.shape[-1]
     a = repeat(a, "... t -> ... t s", s=T)                                         # a[..., k, j] = a_k
     below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
@@ -133,46 +147,53 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
                   return_final_state=False):
     """The chunked SSD algorithm (SSD paper §6) in pure PyTorch: the readable definition that `ssd_scan` implements.
 
-    The sequence is cut into chunks of `chunk_size`. The matrix y = M x (M_ts = C_tᵀ exp(Δ_{s+1}A+…+Δ_tA) B_s Δ_s)
-    splits into diagonal blocks, computed as masked attention, and off-diagonal blocks, low rank through the state.
-    Any seqlen: the tail is padded with Δ = 0, which neither decays nor feeds the state. Differentiable by autograd."""
+    The sequence is cut into chunks of `chunk_size`. The matrix y = M x (M_ts = C_t·B_s L_ts Δ_s, with
+    L_ts = exp(a_{s+1} + … + a_t), a_t = Δ_t A) splits into diagonal blocks, computed as masked attention, and
+    off-diagonal blocks, low rank through the state. Any seqlen: the tail is padded with Δ = 0, which neither decays
+    nor feeds the state. Differentiable by autograd."""
     _check_inputs(x, dt, A, B, C, D, initial_state)
     batch, seqlen, nheads, headdim = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
     pad = -seqlen % chunk_size
-    delta = F.pad(_delta(dt, dt_bias, dt_softplus).to(dtype), (0, 0, 0, pad))     # (batch, padded_len, nheads)
+    delta = F.pad(_delta(dt, dt_bias, dt_softplus).to(dtype), (0, 0, 0, pad))     # Δ = 0 on the padding
     x_, B_, C_ = (F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+    # x_ (batch, nchunks, chunk, nheads, headdim); B_, C_ (batch, nchunks, chunk, nheads, dstate), each head its
+    # group's; delta, a, a_cumsum (batch, nheads, nchunks, chunk)
     B_ = repeat(B_, "b (c l) g n -> b c l (g r) n", l=chunk_size, r=nheads // B.shape[2])
     C_ = repeat(C_, "b (c l) g n -> b c l (g r) n", l=chunk_size, r=nheads // C.shape[2])
-    x_ = rearrange(x_, "b (c l) h p -> b c l h p", l=chunk_size)                   # (batch, nchunks, chunk, nheads, headdim)
-    delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size)                 # (batch, nheads, nchunks, chunk)
+    x_ = rearrange(x_, "b (c l) h p -> b c l h p", l=chunk_size)
+    delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size)
     a = delta * A.to(dtype)[:, None, None]                                         # log-decay per step, Δ_t A
-    a_cumsum = torch.cumsum(a, dim=-1)                                             # (batch, nheads, nchunks, chunk)
+    a_cumsum = torch.cumsum(a, dim=-1)                                             # within each chunk
 
     # 1. Diagonal blocks (§6.1): inside a chunk, y = (L ∘ C Bᵀ) (Δ x), the quadratic "attention" form (§4).
-    L = torch.exp(segsum(a))                                                       # (batch, nheads, nchunks, chunk, chunk)
-    scores = torch.einsum("bclhn,bcshn->bhcls", C_, B_) * L * delta[..., None, :]  # M_ts = C_t·B_s L_ts Δ_s
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, x_)
+    # L, M: (batch, nheads, nchunks, chunk, chunk)
+    L = torch.exp(segsum(a))
+    M = torch.einsum("bclhn,bcshn->bhcls", C_, B_) * L * delta[..., None, :]      # M_ts = C_t·B_s L_ts Δ_s
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", M, x_)
 
-    # 2. Chunk states (§6.2, right factors): each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)                       # (batch, nheads, nchunks, chunk)
-    B_weighted = B_ * rearrange(decay_to_end * delta, "b h c l -> b c l h 1")       # exp(ΣΔA from s to the end) Δ_s B_s
-    states = torch.einsum("bclhn,bclhp->bchpn", B_weighted, x_)                   # (batch, nchunks, nheads, headdim, dstate)
+    # 2. Chunk states (§6.2, right factors): each chunk's own contribution to the state at its end,
+    # chunk_states (batch, nchunks, nheads, headdim, dstate).
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)                       # exp(a_{s+1} + … + a_end)
+    B_weighted = B_ * rearrange(decay_to_end * delta, "b h c l -> b c l h 1")     # decay_to_end_s Δ_s B_s
+    chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_weighted, x_)
 
-    # 3. State passing (§6.2, center factors): h_c = exp(ΣΔA over chunk c) h_{c-1} + states_c, across chunks.
+    # 3. State passing (§6.2, center factors): h_c = exp(a_cumsum_end of chunk c) h_{c-1} + chunk_states_c, across
+    # chunks. boundary_states: h at every chunk boundary, initial_state first, (batch, nchunks+1, nheads, P, N).
     if initial_state is None:
         initial_state = x_.new_zeros(batch, nheads, headdim, B.shape[3])
-    states = torch.cat([initial_state.to(dtype)[:, None], states], dim=1)        # (batch, nchunks+1, nheads, headdim, dstate)
-    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))            # (batch, nheads, nchunks+1, nchunks+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    prev_states, final_state = states[:, :-1], states[:, -1]                     # state entering each chunk; the last
+    boundary_states = torch.cat([initial_state.to(dtype)[:, None], chunk_states], dim=1)
+    # chunk_decay: (batch, nheads, nchunks+1, nchunks+1)
+    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))
+    boundary_states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, boundary_states)
+    prev_states, final_state = boundary_states[:, :-1], boundary_states[:, -1]   # h_{c-1} per chunk; the last h
 
-    # 4. State to output (§6.2, left factors): y_t += exp(Σ_{s≤t} Δ_s A) h_{c-1} C_t.
+    # 4. State to output (§6.2, left factors): y_t += exp(a_cumsum_t) h_{c-1} C_t.
     y_off = torch.einsum("bclhn,bchpn->bclhp", C_, prev_states) * rearrange(torch.exp(a_cumsum), "b h c l -> b c l h 1")
 
     y = rearrange(y_diag + y_off, "b c l h p -> b (c l) h p")[:, :seqlen]
     if D is not None:
-        y = y + _d_term(D.to(dtype), x.to(dtype))
+        y = y + x.to(dtype) * D.to(dtype)[:, None]
     y = y.to(x.dtype)
     return (y, final_state) if return_final_state else y
 
@@ -180,16 +201,17 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. The chunked algorithm as Triton kernels
 #
-# The wrapper turns dt into Δ and acs = a_cumsum = cumsum(Δ A) per chunk with PyTorch (tiny tensors; autograd takes
-# the gradient through softplus, bias, A and the cumsum). Δ and acs are padded to whole chunks with Δ = 0, so the
-# kernels mask only x, B and C, and the padding neither decays nor feeds the state.
-#   forward:  CB = C Bᵀ per chunk and group, shared by the group's heads  (_chunk_cb_kernel)
-#             step 2, chunk states                                        (_chunk_state_kernel)
-#             step 3, state passing                                       (_state_passing_kernel)
-#             steps 1 + 4, the outputs                                    (_chunk_scan_fwd_kernel)
-#   backward: steps 2 and 3 again, then the same two kernels carry ∂L/∂state backwards; dx and ∂L/∂Δ per head
-#             (_chunk_scan_bwd_dx_kernel); dB and dC per group, summing the group's heads before the matmul with
-#             C or B, which the heads share (_chunk_scan_bwd_db_kernel, _chunk_scan_bwd_dc_kernel).
+# The wrapper turns dt into Δ and a = Δ A with PyTorch, and the Function takes a_cumsum = cumsum(a) per chunk (tiny
+# tensors; autograd takes the gradient through softplus, bias, A and the cumsum). Δ and a are padded to whole chunks
+# with Δ = 0, so the kernels mask only x, B and C, and the padding neither decays nor feeds the state.
+#   forward:  cb = C Bᵀ per chunk and group, shared by the group's heads   (_chunk_cb_kernel)
+#             step 2, chunk_states                                         (_chunk_state_kernel)
+#             step 3, state passing: chunk_states -> prev_states           (_state_passing_kernel)
+#             steps 1 + 4, the outputs                                     (_chunk_scan_fwd_kernel)
+#   backward: steps 2 and 3 again, then the same two kernels carry the state's gradient backwards (dprev_states ->
+#             dchunk_states); dx and dΔ per head (_chunk_scan_bwd_dx_kernel); dB and dC per group, summing the
+#             group's heads before the matmul with C or B, which the heads share (_chunk_scan_bwd_db_kernel,
+#             _chunk_scan_bwd_dc_kernel).
 
 
 def _tuned(fn):
@@ -208,9 +230,9 @@ def _chunk_cb_kernel(
     stride_cb_b, stride_cb_c, stride_cb_g,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """cb[b, c, g, t, s] = C_t·B_s inside chunk c: the scores C Bᵀ of the diagonal block (ssd_reference step 1) before
-    the causal mask, the decay and Δ. Only the tiles on or below the diagonal (s-tile ≤ t-tile) are written; positions
-    past the sequence's end are 0."""
+    """cb[b, c, g, t, s] = C_t·B_s inside chunk c: the diagonal block's M_ts = cb_ts L_ts Δ_s (ssd_reference step 1)
+    before the mask L and Δ. Only the tiles on or below the diagonal (s-tile ≤ t-tile) are written; positions past
+    the sequence's end are 0."""
     pid_mk, pid_bc, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tiles = CHUNK // BLOCK_M
     m0, k0 = (pid_mk // tiles) * BLOCK_M, (pid_mk % tiles) * BLOCK_M
@@ -224,10 +246,11 @@ def _chunk_cb_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        # C_t (BLOCK_M, BLOCK_N), B_s transposed (BLOCK_N, BLOCK_M)
         C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                      mask=(offs_m[:, None] < chunk_len) & (offs_n[None, :] < N), other=0.0)   # (BLOCK_M, BLOCK_N)
+                      mask=(offs_m[:, None] < chunk_len) & (offs_n[None, :] < N), other=0.0)
         B_s = tl.load(B_ptr + bc_off + offs_k[None, :] * stride_bc_l + offs_n[:, None] * stride_bc_n,
-                      mask=(offs_k[None, :] < chunk_len) & (offs_n[:, None] < N), other=0.0)   # (BLOCK_N, BLOCK_M)
+                      mask=(offs_k[None, :] < chunk_len) & (offs_n[:, None] < N), other=0.0)
         acc += tl.dot(C_t, B_s, input_precision=DOT_PRECISION)
     cb_ptr += b.to(tl.int64) * stride_cb_b + c * stride_cb_c + g * stride_cb_g
     tl.store(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :], acc)
@@ -235,7 +258,7 @@ def _chunk_cb_kernel(
 
 @triton.jit
 def _chunk_state_kernel(
-    u_ptr, v_ptr, delta_ptr, acs_ptr, out_ptr,
+    u_ptr, v_ptr, delta_ptr, a_cumsum_ptr, out_ptr,
     seqlen, heads_per_group, P, N,
     stride_u_b, stride_u_l, stride_u_h, stride_u_p,
     stride_v_b, stride_v_l, stride_v_g, stride_v_n,
@@ -244,10 +267,11 @@ def _chunk_state_kernel(
     CHUNK: tl.constexpr, TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """out[b, c, h] = Σ_{s in chunk c} w_s u_s v_sᵀ, a (P, N) summary of one chunk for one head. Used twice:
+    """out[b, c, head] = Σ_{s in chunk c} w_s u_s v_sᵀ, a (P, N) summary of one chunk for one head. Used twice:
 
-    TO_END=True:  chunk states, u = x, v = B, w_s = exp(acs_end − acs_s) Δ_s.   Must match ssd_reference step 2.
-    TO_END=False: gradient of step 4 w.r.t. the state entering the chunk, u = dy, v = C, w_s = exp(acs_s).
+    TO_END=True:  chunk_states, u = x, v = B, w_s = exp(a_cumsum_end − a_cumsum_s) Δ_s. Must match ssd_reference
+                  step 2.
+    TO_END=False: dprev_states, the gradient of step 4 w.r.t. h_{c-1}, u = dy, v = C, w_s = exp(a_cumsum_s).
     """
     pid_pn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
@@ -260,21 +284,22 @@ def _chunk_state_kernel(
     u_ptr += b.to(tl.int64) * stride_u_b + (c * CHUNK) * stride_u_l + pid_h * stride_u_h
     v_ptr += b.to(tl.int64) * stride_v_b + (c * CHUNK) * stride_v_l + (pid_h // heads_per_group) * stride_v_g
     a_off = b * stride_a_b + pid_h * stride_a_h + c * stride_a_c
-    acs_end = tl.load(acs_ptr + a_off + CHUNK - 1)
+    a_cumsum_end = tl.load(a_cumsum_ptr + a_off + CHUNK - 1)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for l0 in range(0, chunk_len, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         in_l = offs_l < chunk_len
+        # u transposed (BLOCK_P, BLOCK_L), v (BLOCK_L, BLOCK_N)
         u = tl.load(u_ptr + offs_l[None, :] * stride_u_l + offs_p[:, None] * stride_u_p,
-                    mask=in_l[None, :] & (offs_p[:, None] < P), other=0.0)                  # (BLOCK_P, BLOCK_L)
+                    mask=in_l[None, :] & (offs_p[:, None] < P), other=0.0)
         v = tl.load(v_ptr + offs_l[:, None] * stride_v_l + offs_n[None, :] * stride_v_n,
-                    mask=in_l[:, None] & (offs_n[None, :] < N), other=0.0)                  # (BLOCK_L, BLOCK_N)
-        acs = tl.load(acs_ptr + a_off + offs_l)
+                    mask=in_l[:, None] & (offs_n[None, :] < N), other=0.0)
+        a_cumsum = tl.load(a_cumsum_ptr + a_off + offs_l)
         if TO_END:
-            w = tl.exp(acs_end - acs) * tl.load(delta_ptr + a_off + offs_l)
+            w = tl.exp(a_cumsum_end - a_cumsum) * tl.load(delta_ptr + a_off + offs_l)
         else:
-            w = tl.exp(acs)
+            w = tl.exp(a_cumsum)
         acc += tl.dot(u, (v * w[:, None]).to(u.dtype), input_precision=DOT_PRECISION)
 
     out_ptr += b.to(tl.int64) * stride_o_b + c * stride_o_c + pid_h * stride_o_h
@@ -284,50 +309,53 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_passing_kernel(
-    states_ptr, acs_end_ptr, init_ptr, final_ptr, fwd_states_ptr, dots_ptr,
+    states_ptr, a_cumsum_end_ptr, initial_state_ptr, final_state_ptr, prev_states_ptr, da_carried_ptr,
     nchunks, dim,
     stride_s_b, stride_s_c, stride_s_h,
     stride_a_b, stride_a_h, stride_a_c,
     stride_i_b, stride_i_h,
-    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The linear recurrence across chunks, in place: R ← exp(a_c) R + s_c, with a_c = Σ Δ A over chunk c.
+    """The linear recurrence across chunks, in place, on one block of one head's flattened (P, N) state:
+    h ← exp(a_cumsum_end_c) h + u_c, with a_cumsum_end_c = Σ a over chunk c.
 
-    On entry states[c] holds s_c, on exit the R that entered chunk c; final gets the last R. Forward: s_c are the chunk
-    states and R the SSM state (must match ssd_reference step 3). REVERSE walks the chunks backwards: with s_c the
-    output gradients of step 4, R is ∂L/∂(state at the end of chunk c) when chunk c is reached, and the kernel also
-    writes this block's share of exp(a_c) ⟨R, fwd_states[c]⟩, the gradient of the decay that step 3 applies to the
-    state carried through chunk c, to dots[b, h, c, block]."""
-    pid, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    On entry states[c] holds u_c, on exit the h that entered chunk c; h starts from initial_state (or 0) and
+    final_state gets the last h. Forward: u_c = chunk_states[c], which become prev_states (must match ssd_reference
+    step 3). REVERSE walks the chunks backwards through the gradients: h stands for ∂ℓ/∂h, from ∂ℓ/∂final_state (in
+    initial_state) to ∂ℓ/∂initial_state (in final_state), and u_c = dprev_states[c], the gradient through step 4,
+    which become dchunk_states (∂ℓ/∂h_c). The kernel then also writes this block's share of
+    exp(a_cumsum_end_c) ⟨∂ℓ/∂h_c, prev_states[c]⟩, the gradient of the decay that step 3 applies to the state
+    carried through chunk c, to da_carried[b, head, c, block]."""
+    pid, b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < dim
-    s_off = b.to(tl.int64) * stride_s_b + h * stride_s_h + offs
-    acs_end_ptr += b * stride_a_b + h * stride_a_h
-    if HAS_INIT:
-        R = tl.load(init_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, mask=mask, other=0.0)
+    s_off = b.to(tl.int64) * stride_s_b + pid_h * stride_s_h + offs
+    a_cumsum_end_ptr += b * stride_a_b + pid_h * stride_a_h
+    if HAS_INITIAL_STATE:
+        h = tl.load(initial_state_ptr + b.to(tl.int64) * stride_i_b + pid_h * stride_i_h + offs, mask=mask, other=0.0)
     else:
-        R = tl.zeros((BLOCK,), dtype=tl.float32)
-    s = tl.load(states_ptr + s_off + (nchunks - 1 if REVERSE else 0) * stride_s_c, mask=mask, other=0.0)
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.load(states_ptr + s_off + (nchunks - 1 if REVERSE else 0) * stride_s_c, mask=mask, other=0.0)
     for i in range(nchunks):
         c = nchunks - 1 - i if REVERSE else i
-        # the next chunk's s is requested before this chunk is written: the loop is a chain of loads otherwise
-        s_next = tl.load(states_ptr + s_off + (c - 1 if REVERSE else c + 1) * stride_s_c,
+        # the next chunk's u is requested before this chunk is written: the loop is a chain of loads otherwise
+        u_next = tl.load(states_ptr + s_off + (c - 1 if REVERSE else c + 1) * stride_s_c,
                          mask=offs < tl.where(i + 1 < nchunks, dim, 0), other=0.0)
-        decay = tl.exp(tl.load(acs_end_ptr + c * stride_a_c))
-        tl.store(states_ptr + s_off + c * stride_s_c, R, mask=mask)
+        chunk_decay = tl.exp(tl.load(a_cumsum_end_ptr + c * stride_a_c))
+        tl.store(states_ptr + s_off + c * stride_s_c, h, mask=mask)
         if REVERSE:
-            carried = decay * tl.load(fwd_states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
-            tl.store(dots_ptr + ((b * tl.num_programs(2) + h) * nchunks + c) * tl.num_programs(0) + pid,
-                     tl.sum(R * carried))
-        R = decay * R + s
-        s = s_next
-    tl.store(final_ptr + b.to(tl.int64) * stride_i_b + h * stride_i_h + offs, R, mask=mask)
+            carried = chunk_decay * tl.load(prev_states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
+            tl.store(da_carried_ptr + ((b * tl.num_programs(2) + pid_h) * nchunks + c) * tl.num_programs(0) + pid,
+                     tl.sum(h * carried))
+        h = chunk_decay * h + u
+        u = u_next
+    tl.store(final_state_ptr + b.to(tl.int64) * stride_i_b + pid_h * stride_i_h + offs, h, mask=mask)
 
 
 @_tuned
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, delta_ptr, acs_ptr, C_ptr, cb_ptr, states_ptr, D_ptr, y_ptr,
+    x_ptr, delta_ptr, a_cumsum_ptr, C_ptr, cb_ptr, prev_states_ptr, D_ptr, y_ptr,
     seqlen, heads_per_group, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
@@ -335,15 +363,16 @@ def _chunk_scan_fwd_kernel(
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
-    CHUNK: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Outputs of a block of rows t of one chunk and head:
 
-        y_t = Σ_{s ≤ t in chunk} (C_t·B_s) exp(acs_t − acs_s) Δ_s x_s   +   exp(acs_t) R_c C_t   +   D x_t
-              (step 1: diagonal block, C_t·B_s read from cb)              (step 4: state to output)
+        y_t = Σ_{s ≤ t in chunk} cb_ts L_ts Δ_s x_s   +   exp(a_cumsum_t) h_{c-1} C_t   +   D x_t
+              (step 1: diagonal block, M_ts x_s)        (step 4: state to output)
 
-    with R_c the state entering the chunk.  Must match ssd_reference steps 1 and 4 (plus D)."""
+    with cb_ts = C_t·B_s read from cb, L_ts = exp(a_cumsum_t − a_cumsum_s) and h_{c-1} = prev_states[c], the state
+    entering the chunk. Must match ssd_reference steps 1 and 4 (plus D)."""
     pid_mp, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
@@ -361,36 +390,36 @@ def _chunk_scan_fwd_kernel(
     cb_ptr += b.to(tl.int64) * stride_cb_b + c * stride_cb_c + g * stride_cb_g
     a_off = b * stride_a_b + pid_h * stride_a_h + c * stride_a_c
     in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
-    acs_t = tl.load(acs_ptr + a_off + offs_m)
+    a_cumsum_t = tl.load(a_cumsum_ptr + a_off + offs_m)
 
-    # step 4: the state entering the chunk, read out by C_t and decayed to t
+    # step 4: the state entering the chunk, read out by C_t and decayed to t;
+    # C_t (BLOCK_M, BLOCK_N), h_{c-1} transposed (BLOCK_N, BLOCK_P)
     C_t = tl.load(C_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
                   + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
-    R = tl.load(states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
+                  mask=in_m[:, None] & in_n[None, :], other=0.0)
+    h = tl.load(prev_states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
                 + offs_n[:, None] + offs_p[None, :] * stride_s_p,
-                mask=in_n[:, None] & in_p[None, :], other=0.0)                             # (BLOCK_N, BLOCK_P) = R_cᵀ
-    acc = tl.dot(C_t, R.to(C_t.dtype), input_precision=DOT_PRECISION) * tl.exp(acs_t)[:, None]
+                mask=in_n[:, None] & in_p[None, :], other=0.0)
+    acc = tl.dot(C_t, h.to(C_t.dtype), input_precision=DOT_PRECISION) * tl.exp(a_cumsum_t)[:, None]
 
     # step 1: the causal diagonal block, only s-blocks at or before this row block
     for k0 in range(0, m0 + BLOCK_M, BLOCK_M):
         offs_k = k0 + tl.arange(0, BLOCK_M)
-        cb = tl.load(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :])                 # (BLOCK_M, BLOCK_M)
-        acs_s = tl.load(acs_ptr + a_off + offs_k)
+        cb = tl.load(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :])   # (BLOCK_M, BLOCK_M)
+        a_cumsum_s = tl.load(a_cumsum_ptr + a_off + offs_k)
         delta_s = tl.load(delta_ptr + a_off + offs_k)
-        w = tl.exp(tl.where(offs_m[:, None] >= offs_k[None, :], acs_t[:, None] - acs_s[None, :], -float("inf")))
+        causal = offs_m[:, None] >= offs_k[None, :]
+        L = tl.exp(tl.where(causal, a_cumsum_t[:, None] - a_cumsum_s[None, :], -float("inf")))
+        # x_s (BLOCK_M, BLOCK_P)
         x_s = tl.load(x_ptr + offs_k[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                      mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)       # (BLOCK_M, BLOCK_P)
-        acc += tl.dot((cb * w * delta_s[None, :]).to(x_s.dtype), x_s, input_precision=DOT_PRECISION)
+                      mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)
+        acc += tl.dot((cb * L * delta_s[None, :]).to(x_s.dtype), x_s, input_precision=DOT_PRECISION)
 
     if HAS_D:
-        if D_HAS_HDIM:
-            Dv = tl.load(D_ptr + pid_h * P + offs_p, mask=in_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + pid_h).to(tl.float32)
+        D = tl.load(D_ptr + pid_h).to(tl.float32)
         x_t = tl.load(x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
                       mask=in_m[:, None] & in_p[None, :], other=0.0)
-        acc += Dv * x_t.to(tl.float32)
+        acc += D * x_t.to(tl.float32)
     y_ptr += b.to(tl.int64) * stride_y_b + (c * CHUNK) * stride_y_l + pid_h * stride_y_h
     tl.store(y_ptr + offs_m[:, None] * stride_y_l + offs_p[None, :] * stride_y_p, acc,
              mask=in_m[:, None] & in_p[None, :])
@@ -399,7 +428,7 @@ def _chunk_scan_fwd_kernel(
 @_tuned
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    x_ptr, delta_ptr, acs_ptr, B_ptr, cb_ptr, dy_ptr, dstates_ptr, D_ptr,
+    x_ptr, delta_ptr, a_cumsum_ptr, B_ptr, cb_ptr, dy_ptr, dchunk_states_ptr, D_ptr,
     dx_ptr, ddelta_ptr, dD_ptr, da_state_ptr, da_pairs_ptr,
     seqlen, heads_per_group, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
@@ -409,19 +438,21 @@ def _chunk_scan_bwd_dx_kernel(
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
     stride_pair_b, stride_pair_h, stride_pair_c, stride_pair_m,
-    CHUNK: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients that flow out of a block of rows s of one chunk and head, given G_c = ∂L/∂(state at the chunk's end):
+    """Gradients that flow out of a block of rows s of one chunk and head, given dh_c = dchunk_states[c], the
+    gradient w.r.t. h_c, the state at the chunk's end:
 
-        dx'_s = Σ_{t ≥ s} (C_t·B_s) exp(acs_t − acs_s) dy_t  +  exp(acs_end − acs_s) G_c B_s
-        dx_s  = Δ_s dx'_s + D dy_s           ∂L/∂Δ_s = x_s·dx'_s   (the part through the Δ_s x_s factor)
+        dx'_s = Σ_{t ≥ s} cb_ts L_ts dy_t  +  exp(a_cumsum_end − a_cumsum_s) dh_c B_s
+        dx_s  = Δ_s dx'_s + D dy_s          ddelta_s = x_s·dx'_s   (the part of dΔ_s through the Δ_s x_s factor)
 
-    and two parts of ∂L/∂a_τ, a_τ = Δ_τ A the log-decay of step τ, which every exp(acs_t − acs_s) with s < τ ≤ t holds:
-        da_pairs[.., m, τ] = Σ_{s in this block, s < τ} Σ_{t ≥ τ} M_ts,  M_ts = Δ_s (C_t·B_s) exp(acs_t − acs_s) dy_t·x_s
-        da_state[s]        = Δ_s x_s·(exp(acs_end − acs_s) G_c B_s), the caller sums it over s < τ (chunk state)
+    and two parts of da_τ, a_τ = Δ_τ A the log-decay of step τ, which every L_ts with s < τ ≤ t holds:
+        da_pairs[.., m, τ] = Σ_{s in this block, s < τ} Σ_{t ≥ τ} M_ts dy_t·x_s,  M_ts = cb_ts L_ts Δ_s
+        da_state[s]        = Δ_s x_s·(exp(a_cumsum_end − a_cumsum_s) dh_c B_s), the caller sums it over s < τ (step 2)
     Summing only the pairs that straddle τ keeps these sums free of cancellation. Also this block's share of
-    dD = Σ_s dy_s x_s. Must match the autograd gradients of ssd_reference."""
+    dD = Σ_s dy_s·x_s, per channel (the caller sums the channels). Must match the autograd gradients of
+    ssd_reference."""
     pid_m, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
@@ -442,35 +473,38 @@ def _chunk_scan_bwd_dx_kernel(
     mask_mp = in_m[:, None] & in_p[None, :]
 
     x_s = tl.load(x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0)
-    acs_s = tl.load(acs_ptr + a_off + offs_m)
+    a_cumsum_s = tl.load(a_cumsum_ptr + a_off + offs_m)
     delta_s = tl.load(delta_ptr + a_off + offs_m)
 
-    # through the chunk's end state (step 2)
+    # through the chunk's end state (step 2): B_s (BLOCK_M, BLOCK_N), dh_c transposed (BLOCK_N, BLOCK_P)
     B_s = tl.load(B_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
                   + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0)                           # (BLOCK_M, BLOCK_N)
-    G = tl.load(dstates_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
-                + offs_n[:, None] + offs_p[None, :] * stride_s_p,
-                mask=in_n[:, None] & in_p[None, :], other=0.0)                             # (BLOCK_N, BLOCK_P) = G_cᵀ
-    decay_end = tl.exp(tl.load(acs_ptr + a_off + CHUNK - 1) - acs_s)
-    dxp = tl.dot(B_s, G.to(B_s.dtype), input_precision=DOT_PRECISION) * decay_end[:, None]
+                  mask=in_m[:, None] & in_n[None, :], other=0.0)
+    dh = tl.load(dchunk_states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + pid_h * stride_s_h
+                 + offs_n[:, None] + offs_p[None, :] * stride_s_p,
+                 mask=in_n[:, None] & in_p[None, :], other=0.0)
+    decay_to_end = tl.exp(tl.load(a_cumsum_ptr + a_off + CHUNK - 1) - a_cumsum_s)
+    dxp = tl.dot(B_s, dh.to(B_s.dtype), input_precision=DOT_PRECISION) * decay_to_end[:, None]
     tl.store(da_state_ptr + a_off + offs_m, delta_s * tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
 
     # through the later outputs of the same chunk (step 1), t ≥ s: t-blocks from the last back to this one, so that
-    # `later` holds Σ_{t in the blocks after this one} M_ts for each row s
+    # `later` holds Σ_{t in the blocks after this one} M_ts dy_t·x_s for each row s
     later = tl.zeros((BLOCK_M,), dtype=tl.float32)
     last = (chunk_len - 1) // BLOCK_M
     da_pairs_ptr += b * stride_pair_b + pid_h * stride_pair_h + c * stride_pair_c + pid_m * stride_pair_m
     for i in range(0, last - pid_m + 1):
         offs_k = (last - i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cb_T = tl.load(cb_ptr + offs_k[None, :] * CHUNK + offs_m[:, None])               # (BLOCK_M, BLOCK_M): C_t·B_s
-        acs_t = tl.load(acs_ptr + a_off + offs_k)
-        w = tl.exp(tl.where(offs_k[None, :] >= offs_m[:, None], acs_t[None, :] - acs_s[:, None], -float("inf")))
+        # cb_T and L_T hold cb_ts and L_ts at [s, t], (BLOCK_M, BLOCK_M); dy_t (BLOCK_M, BLOCK_P)
+        cb_T = tl.load(cb_ptr + offs_k[None, :] * CHUNK + offs_m[:, None])
+        a_cumsum_t = tl.load(a_cumsum_ptr + a_off + offs_k)
+        causal = offs_k[None, :] >= offs_m[:, None]
+        L_T = tl.exp(tl.where(causal, a_cumsum_t[None, :] - a_cumsum_s[:, None], -float("inf")))
         dy_t = tl.load(dy_ptr + offs_k[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
-                       mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)      # (BLOCK_M, BLOCK_P)
-        dxp += tl.dot((cb_T * w).to(dy_t.dtype), dy_t, input_precision=DOT_PRECISION)
-        pairs = tl.dot(x_s, tl.trans(dy_t), input_precision=DOT_PRECISION) * cb_T * w * delta_s[:, None]  # M_ts
-        straddle = tl.cumsum(pairs, axis=1, reverse=True) + later[:, None]                # Σ_{t ≥ τ} M_ts
+                       mask=(offs_k[:, None] < chunk_len) & in_p[None, :], other=0.0)
+        dxp += tl.dot((cb_T * L_T).to(dy_t.dtype), dy_t, input_precision=DOT_PRECISION)
+        # pairs[s, t] = M_ts dy_t·x_s
+        pairs = tl.dot(x_s, tl.trans(dy_t), input_precision=DOT_PRECISION) * cb_T * L_T * delta_s[:, None]
+        straddle = tl.cumsum(pairs, axis=1, reverse=True) + later[:, None]   # Σ_{t ≥ τ} pairs[s, t]
         tl.store(da_pairs_ptr + offs_k, tl.sum(tl.where(offs_m[:, None] < offs_k[None, :], straddle, 0.0), axis=0))
         later += tl.sum(pairs, axis=1)
 
@@ -478,10 +512,7 @@ def _chunk_scan_bwd_dx_kernel(
     if HAS_D:
         dy_s = tl.load(dy_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
                        mask=mask_mp, other=0.0).to(tl.float32)
-        if D_HAS_HDIM:
-            dx += tl.load(D_ptr + pid_h * P + offs_p, mask=in_p, other=0.0).to(tl.float32)[None, :] * dy_s
-        else:
-            dx += tl.load(D_ptr + pid_h).to(tl.float32) * dy_s
+        dx += tl.load(D_ptr + pid_h).to(tl.float32) * dy_s
         dD_ptr += ((pid_bc * tl.num_programs(0) + pid_m) * tl.num_programs(2) + pid_h) * P
         tl.store(dD_ptr + offs_p, tl.sum(dy_s * x_s.to(tl.float32), axis=0), mask=in_p)
     dx_ptr += b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l + pid_h * stride_dy_h
@@ -494,34 +525,35 @@ def _head_slice(pid_gs, heads_per_group, heads_per_program):
     """(group g, slice j, first head, last head + 1) of a program that walks a slice of one group's heads."""
     slices = tl.cdiv(heads_per_group, heads_per_program)
     g, j = pid_gs // slices, pid_gs % slices
-    h_first = g * heads_per_group + j * heads_per_program
-    return g, j, h_first, tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+    head_first = g * heads_per_group + j * heads_per_program
+    return g, j, head_first, tl.minimum(head_first + heads_per_program, (g + 1) * heads_per_group)
 
 
 @_tuned
 @triton.jit
 def _chunk_scan_bwd_db_kernel(
-    x_ptr, delta_ptr, acs_ptr, C_ptr, dy_ptr, dstates_ptr, dB_ptr,
+    x_ptr, delta_ptr, a_cumsum_ptr, C_ptr, dy_ptr, dchunk_states_ptr, dB_ptr,
     seqlen, heads_per_group, heads_per_program, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
-    stride_db_b, stride_db_l, stride_db_split, stride_db_g,
+    stride_dbc_b, stride_dbc_l, stride_dbc_split, stride_dbc_g,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dB for a block of rows s of one chunk, summed over a slice of one group's heads h:
+    """dB for a block of rows s of one chunk, summed over a slice of one group's heads i:
 
-        dB_s = Σ_h Δ_s^h exp(acs_end^h − acs_s^h) G_c^hᵀ x_s^h  +  Σ_{t ≥ s} [Σ_h Δ_s^h exp(acs_t^h − acs_s^h) (dy_t^h·x_s^h)] C_t
+        dB_s = Σ_i Δ_s^i exp(a_cumsum_end^i − a_cumsum_s^i) dh_c^iᵀ x_s^i  +  Σ_{t ≥ s} dcb_ts C_t
+        dcb_ts = Σ_i Δ_s^i L_ts^i dy_t^i·x_s^i, the gradient w.r.t. cb_ts = C_t·B_s, which the heads share
 
-    The bracket is summed over the heads before the one matmul with C_t, which they share. Written per head slice
+    with dh_c = dchunk_states[c]. dcb is summed over the heads before the one matmul with C_t. Written per head slice
     (dB[:, :, slice]), summed by the caller. Must match the autograd gradients of ssd_reference."""
     pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
-    g, j, h_first, h_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
+    g, j, head_first, head_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
@@ -537,65 +569,69 @@ def _chunk_scan_bwd_db_kernel(
 
     # through each head's chunk end state (step 2)
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for h in range(h_first, h_last):
-        a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
-        x_s = tl.load(x_s_ptrs + h * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
-        G = tl.load(dstates_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + h * stride_s_h
-                    + offs_p[:, None] * stride_s_p + offs_n[None, :],
-                    mask=in_p[:, None] & in_n[None, :], other=0.0)                         # (BLOCK_P, BLOCK_N)
-        acs_s = tl.load(acs_ptr + a_off + offs_m)
-        scale = tl.exp(tl.load(acs_ptr + a_off + CHUNK - 1) - acs_s) * tl.load(delta_ptr + a_off + offs_m)
-        dB += tl.dot(x_s, G.to(x_s.dtype), input_precision=DOT_PRECISION) * scale[:, None]
+    for head in range(head_first, head_last):
+        a_off = b * stride_a_b + head * stride_a_h + c * stride_a_c
+        x_s = tl.load(x_s_ptrs + head * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+        # dh_c (BLOCK_P, BLOCK_N)
+        dh = tl.load(dchunk_states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + head * stride_s_h
+                     + offs_p[:, None] * stride_s_p + offs_n[None, :],
+                     mask=in_p[:, None] & in_n[None, :], other=0.0)
+        a_cumsum_s = tl.load(a_cumsum_ptr + a_off + offs_m)
+        w = tl.exp(tl.load(a_cumsum_ptr + a_off + CHUNK - 1) - a_cumsum_s) * tl.load(delta_ptr + a_off + offs_m)
+        dB += tl.dot(x_s, dh.to(x_s.dtype), input_precision=DOT_PRECISION) * w[:, None]
 
     # through the later outputs of the same chunk (step 1), t ≥ s
     for k0 in range(m0, chunk_len, BLOCK_M):
         offs_k = k0 + tl.arange(0, BLOCK_M)
         in_k = offs_k < chunk_len
-        scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        for h in range(h_first, h_last):
-            a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
-            x_s = tl.load(x_s_ptrs + h * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
-            dy_t = tl.load(dy_ptr + row_dy + h * stride_dy_h + offs_k[None, :] * stride_dy_l
+        causal = offs_k[None, :] >= offs_m[:, None]
+        dcb_T = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)   # dcb_ts at [s, t]
+        for head in range(head_first, head_last):
+            a_off = b * stride_a_b + head * stride_a_h + c * stride_a_c
+            x_s = tl.load(x_s_ptrs + head * stride_x_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+            dy_t = tl.load(dy_ptr + row_dy + head * stride_dy_h + offs_k[None, :] * stride_dy_l
                            + offs_p[:, None] * stride_dy_p, mask=in_k[None, :] & in_p[:, None], other=0.0)
-            acs_s = tl.load(acs_ptr + a_off + offs_m)
-            acs_t = tl.load(acs_ptr + a_off + offs_k)
-            w = tl.exp(tl.where(offs_k[None, :] >= offs_m[:, None], acs_t[None, :] - acs_s[:, None], -float("inf")))
-            w *= tl.load(delta_ptr + a_off + offs_m)[:, None]
-            scores += tl.dot(x_s, dy_t, input_precision=DOT_PRECISION) * w                # (BLOCK_M, BLOCK_M)
+            a_cumsum_s = tl.load(a_cumsum_ptr + a_off + offs_m)
+            a_cumsum_t = tl.load(a_cumsum_ptr + a_off + offs_k)
+            L_T = tl.exp(tl.where(causal, a_cumsum_t[None, :] - a_cumsum_s[:, None], -float("inf")))
+            delta_s = tl.load(delta_ptr + a_off + offs_m)
+            dcb_T += tl.dot(x_s, dy_t, input_precision=DOT_PRECISION) * (L_T * delta_s[:, None])
+        # C_t (BLOCK_M, BLOCK_N)
         C_t = tl.load(C_ptr + b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
                       + offs_k[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_M, BLOCK_N)
-        dB += tl.dot(scores.to(C_t.dtype), C_t, input_precision=DOT_PRECISION)
+                      mask=in_k[:, None] & in_n[None, :], other=0.0)
+        dB += tl.dot(dcb_T.to(C_t.dtype), C_t, input_precision=DOT_PRECISION)
 
-    dB_ptr += b.to(tl.int64) * stride_db_b + (c * CHUNK) * stride_db_l + j * stride_db_split + g * stride_db_g
-    tl.store(dB_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
+    dB_ptr += b.to(tl.int64) * stride_dbc_b + (c * CHUNK) * stride_dbc_l + j * stride_dbc_split + g * stride_dbc_g
+    tl.store(dB_ptr + offs_m[:, None] * stride_dbc_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
 
 
 @_tuned
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
-    x_ptr, delta_ptr, acs_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, dC_ptr, da_out_ptr,
+    x_ptr, delta_ptr, a_cumsum_ptr, B_ptr, C_ptr, dy_ptr, prev_states_ptr, dC_ptr, da_out_ptr,
     seqlen, heads_per_group, heads_per_program, P, N,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
-    stride_db_b, stride_db_l, stride_db_split, stride_db_g,
+    stride_dbc_b, stride_dbc_l, stride_dbc_split, stride_dbc_g,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dC for a block of rows t of one chunk, summed over a slice of one group's heads h:
+    """dC for a block of rows t of one chunk, summed over a slice of one group's heads i:
 
-        dC_t = Σ_h exp(acs_t^h) R_c^hᵀ dy_t^h  +  Σ_{s ≤ t} [Σ_h Δ_s^h exp(acs_t^h − acs_s^h) (dy_t^h·x_s^h)] B_s
+        dC_t = Σ_i exp(a_cumsum_t^i) h_{c-1}^iᵀ dy_t^i  +  Σ_{s ≤ t} dcb_ts B_s
+        dcb_ts = Σ_i Δ_s^i L_ts^i dy_t^i·x_s^i, the gradient w.r.t. cb_ts = C_t·B_s, which the heads share
 
-    written per head slice, summed by the caller; and, per head, da_out[t] = exp(acs_t^h) dy_t^h·R_c^h C_t, the
-    gradient w.r.t. acs_t of step 4 (the caller sums it over t ≥ τ into ∂L/∂a_τ).
-    Must match the autograd gradients of ssd_reference."""
+    with h_{c-1} = prev_states[c], written per head slice, summed by the caller; and, per head, da_out[t] =
+    exp(a_cumsum_t) dy_t·h_{c-1} C_t, the gradient w.r.t. a_cumsum_t of step 4 (the caller sums it over t ≥ τ into
+    da_τ). Must match the autograd gradients of ssd_reference."""
     pid_m, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
-    g, j, h_first, h_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
+    g, j, head_first, head_last = _head_slice(pid_gs, heads_per_group, heads_per_program)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
@@ -609,43 +645,48 @@ def _chunk_scan_bwd_dc_kernel(
         + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p
     bc_off = b.to(tl.int64) * stride_bc_b + (c * CHUNK) * stride_bc_l + g * stride_bc_g
     in_m, in_p, in_n = offs_m < chunk_len, offs_p < P, offs_n < N
+    # C_t (BLOCK_M, BLOCK_N)
     C_t = tl.load(C_ptr + bc_off + offs_m[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                  mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)             # (BLOCK_M, BLOCK_N)
+                  mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)
 
     # through each head's state entering the chunk (step 4)
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for h in range(h_first, h_last):
-        a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
-        dy_t = tl.load(dy_t_ptrs + h * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
-        R = tl.load(states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + h * stride_s_h
+    for head in range(head_first, head_last):
+        a_off = b * stride_a_b + head * stride_a_h + c * stride_a_c
+        dy_t = tl.load(dy_t_ptrs + head * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+        # h_{c-1} (BLOCK_P, BLOCK_N)
+        h = tl.load(prev_states_ptr + b.to(tl.int64) * stride_s_b + c * stride_s_c + head * stride_s_h
                     + offs_p[:, None] * stride_s_p + offs_n[None, :],
-                    mask=in_p[:, None] & in_n[None, :], other=0.0)                         # (BLOCK_P, BLOCK_N)
-        dC_h = tl.dot(dy_t, R.to(dy_t.dtype), input_precision=DOT_PRECISION) \
-            * tl.exp(tl.load(acs_ptr + a_off + offs_m))[:, None]
-        dC += dC_h
-        tl.store(da_out_ptr + a_off + offs_m, tl.sum(dC_h * C_t, axis=1), mask=in_m)
+                    mask=in_p[:, None] & in_n[None, :], other=0.0)
+        dC_head = tl.dot(dy_t, h.to(dy_t.dtype), input_precision=DOT_PRECISION) \
+            * tl.exp(tl.load(a_cumsum_ptr + a_off + offs_m))[:, None]
+        dC += dC_head
+        tl.store(da_out_ptr + a_off + offs_m, tl.sum(dC_head * C_t, axis=1), mask=in_m)
 
     # through the diagonal block (step 1), s ≤ t
     for k0 in range(0, m0 + BLOCK_M, BLOCK_M):
         offs_k = k0 + tl.arange(0, BLOCK_M)
         in_k = offs_k < chunk_len
-        scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        for h in range(h_first, h_last):
-            a_off = b * stride_a_b + h * stride_a_h + c * stride_a_c
-            dy_t = tl.load(dy_t_ptrs + h * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
-            x_s = tl.load(x_ptr + row + h * stride_x_h + offs_k[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
-                          mask=in_k[None, :] & in_p[:, None], other=0.0)                 # (BLOCK_P, BLOCK_M)
-            acs_t = tl.load(acs_ptr + a_off + offs_m)
-            acs_s = tl.load(acs_ptr + a_off + offs_k)
-            w = tl.exp(tl.where(offs_m[:, None] >= offs_k[None, :], acs_t[:, None] - acs_s[None, :], -float("inf")))
-            w *= tl.load(delta_ptr + a_off + offs_k)[None, :]
-            scores += tl.dot(dy_t, x_s, input_precision=DOT_PRECISION) * w                 # (BLOCK_M, BLOCK_M)
+        causal = offs_m[:, None] >= offs_k[None, :]
+        dcb = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)   # dcb_ts at [t, s]
+        for head in range(head_first, head_last):
+            a_off = b * stride_a_b + head * stride_a_h + c * stride_a_c
+            dy_t = tl.load(dy_t_ptrs + head * stride_dy_h, mask=in_m[:, None] & in_p[None, :], other=0.0)
+            # x_s transposed, (BLOCK_P, BLOCK_M)
+            x_s = tl.load(x_ptr + row + head * stride_x_h + offs_k[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
+                          mask=in_k[None, :] & in_p[:, None], other=0.0)
+            a_cumsum_t = tl.load(a_cumsum_ptr + a_off + offs_m)
+            a_cumsum_s = tl.load(a_cumsum_ptr + a_off + offs_k)
+            L = tl.exp(tl.where(causal, a_cumsum_t[:, None] - a_cumsum_s[None, :], -float("inf")))
+            delta_s = tl.load(delta_ptr + a_off + offs_k)
+            dcb += tl.dot(dy_t, x_s, input_precision=DOT_PRECISION) * (L * delta_s[None, :])
+        # B_s (BLOCK_M, BLOCK_N)
         B_s = tl.load(B_ptr + bc_off + offs_k[:, None] * stride_bc_l + offs_n[None, :] * stride_bc_n,
-                      mask=in_k[:, None] & in_n[None, :], other=0.0)                       # (BLOCK_M, BLOCK_N)
-        dC += tl.dot(scores.to(B_s.dtype), B_s, input_precision=DOT_PRECISION)
+                      mask=in_k[:, None] & in_n[None, :], other=0.0)
+        dC += tl.dot(dcb.to(B_s.dtype), B_s, input_precision=DOT_PRECISION)
 
-    dC_ptr += b.to(tl.int64) * stride_db_b + (c * CHUNK) * stride_db_l + j * stride_db_split + g * stride_db_g
-    tl.store(dC_ptr + offs_m[:, None] * stride_db_l + offs_n[None, :], dC, mask=in_m[:, None] & in_n[None, :])
+    dC_ptr += b.to(tl.int64) * stride_dbc_b + (c * CHUNK) * stride_dbc_l + j * stride_dbc_split + g * stride_dbc_g
+    tl.store(dC_ptr + offs_m[:, None] * stride_dbc_l + offs_n[None, :], dC, mask=in_m[:, None] & in_n[None, :])
 
 
 # Row tiles inside a chunk; the dB/dC kernels take a slice of a group's heads each, sliced finely enough to launch at
@@ -675,8 +716,9 @@ def _chunk_cb(C, B, chunk):
     return cb
 
 
-def _chunk_state(u, v, delta, acs, to_end):
-    """(batch, nchunks, nheads, P, N) float32 chunk summaries; see _chunk_state_kernel."""
+def _chunk_state(u, v, delta, a_cumsum, to_end):
+    """(batch, nchunks, nheads, P, N) float32 summaries of each chunk: chunk_states when to_end, else dprev_states;
+    see _chunk_state_kernel."""
     batch, seqlen, nheads, P = u.shape
     N = v.shape[-1]
     nchunks, chunk = delta.shape[2], delta.shape[3]
@@ -684,79 +726,85 @@ def _chunk_state(u, v, delta, acs, to_end):
     block_p, block_n = min(64, _pow2(P)), min(64, _pow2(N))
     grid = (triton.cdiv(P, block_p) * triton.cdiv(N, block_n), batch * nchunks, nheads)
     _chunk_state_kernel[grid](
-        u, v, delta, acs, out, seqlen, nheads // v.shape[2], P, N,
+        u, v, delta, a_cumsum, out, seqlen, nheads // v.shape[2], P, N,
         *u.stride(), *v.stride(), *delta.stride()[:3], *out.stride()[:4],
         CHUNK=chunk, TO_END=to_end, DOT_PRECISION=_dot_precision(u.dtype),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_L=min(64, chunk))
     return out
 
 
-def _state_passing(states, acs, initial, reverse_of=None):
-    """Runs the chunk recurrence in place on `states` (see _state_passing_kernel) and returns the last R.
+def _state_passing(states, a_cumsum, initial_state, prev_states=None):
+    """Runs step 3's recurrence in place on `states` (see _state_passing_kernel): chunk_states become prev_states,
+    and the final state is returned.
 
-    reverse_of=forward states (after the forward pass) runs it backwards and also returns, per chunk, the gradient of
-    the decay step 3 applies to the carried state, (batch, nheads, nchunks)."""
+    With prev_states (the forward pass's) it runs backwards: `states` holds dprev_states, which become
+    dchunk_states, initial_state is ∂ℓ/∂final_state, and it returns ∂ℓ/∂initial_state and da_carried, per chunk the
+    gradient of the decay that step 3 applies to the carried state, (batch, nheads, nchunks)."""
     batch, nchunks, nheads, P, N = states.shape
-    final = torch.empty(batch, nheads, P, N, device=states.device, dtype=torch.float32)
-    acs_end = acs[..., -1]                                                  # (batch, nheads, nchunks)
-    if initial is not None:
-        initial = initial.float().contiguous()
+    final_state = torch.empty(batch, nheads, P, N, device=states.device, dtype=torch.float32)
+    a_cumsum_end = a_cumsum[..., -1]                                   # (batch, nheads, nchunks)
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
     BLOCK = min(512, triton.next_power_of_2(P * N))
     blocks = triton.cdiv(P * N, BLOCK)
-    dots = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
+    da_carried = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
     _state_passing_kernel[(blocks, batch, nheads)](
-        states, acs_end, initial if initial is not None else final, final,
-        reverse_of if reverse_of is not None else states, dots,
-        nchunks, P * N, states.stride(0), states.stride(1), states.stride(2), *acs_end.stride(),
-        final.stride(0), final.stride(1), HAS_INIT=initial is not None, REVERSE=reverse_of is not None, BLOCK=BLOCK)
-    return (final, dots.sum(-1)) if reverse_of is not None else final
+        states, a_cumsum_end, initial_state if initial_state is not None else final_state, final_state,
+        prev_states if prev_states is not None else states, da_carried,
+        nchunks, P * N, states.stride(0), states.stride(1), states.stride(2), *a_cumsum_end.stride(),
+        final_state.stride(0), final_state.stride(1), HAS_INITIAL_STATE=initial_state is not None,
+        REVERSE=prev_states is not None, BLOCK=BLOCK)
+    return (final_state, da_carried.sum(-1)) if prev_states is not None else final_state
 
 
 class _SSDScan(torch.autograd.Function):
     """The kernels' forward and backward. Inputs Δ and a = Δ A (the log-decay of each step) already chunked,
-    (batch, nheads, nchunks, chunk); the kernels read acs = cumsum(a) within each chunk.
+    (batch, nheads, nchunks, chunk); the kernels read a_cumsum = cumsum(a) within each chunk.
 
-    Backward notes. Besides the matmuls' gradients, the loss depends on every a_τ through the decays that span step τ:
-    exp(acs_t − acs_s) for s < τ ≤ t (step 1), exp(acs_end − acs_s) for s < τ (step 2), exp(acs_t) for τ ≤ t (step 4)
-    and exp(acs_end) for the state carried across the chunk (step 3). ∂L/∂a_τ adds up those terms directly, each one
-    once, rather than ∂L/∂acs followed by a reverse cumsum, in which the +M_ts and −M_ts of each pair cancel and the
-    rounding does not. PyTorch takes ∂L/∂a on to Δ and A."""
+    Backward notes. Besides the matmuls' gradients, the loss ℓ depends on every a_τ through the decays that span
+    step τ: L_ts = exp(a_cumsum_t − a_cumsum_s) for s < τ ≤ t (step 1), exp(a_cumsum_end − a_cumsum_s) for s < τ
+    (step 2), exp(a_cumsum_t) for τ ≤ t (step 4) and exp(a_cumsum_end) for the state carried across the chunk
+    (step 3). da_τ adds up those terms directly, each one once, rather than da_cumsum followed by a reverse cumsum,
+    in which the +M_ts and −M_ts of each pair cancel and the rounding does not. PyTorch takes da on to Δ and A."""
 
     @staticmethod
     def forward(ctx, x, delta, a, B, C, D, initial_state):
         batch, seqlen, nheads, P = x.shape
         ngroups, N = B.shape[2], B.shape[3]
         nchunks, chunk = delta.shape[2], delta.shape[3]
-        acs = torch.cumsum(a, dim=-1)                                              # Σ_{s≤t} Δ_s A within the chunk
+        a_cumsum = torch.cumsum(a, dim=-1)                                         # within each chunk
         cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
-        states = _chunk_state(x, B, delta, acs, to_end=True)                       # step 2
-        final_state = _state_passing(states, acs, initial_state)                   # step 3: states[c] = R_c
+        chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)            # step 2
+        final_state = _state_passing(chunk_states, a_cumsum, initial_state)       # step 3, in place:
+        prev_states = chunk_states                                                # the buffer now holds h_{c-1}
         y = torch.empty_like(x)
         block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
         grid = (triton.cdiv(chunk, block_m) * triton.cdiv(P, block_p), batch * nchunks, nheads)
         _chunk_scan_fwd_kernel[grid](                                              # steps 1 + 4
-            x, delta, acs, C, cb, states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
-            *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *states.stride()[:4], *y.stride(),
-            CHUNK=chunk, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
-        ctx.save_for_backward(x, delta, acs, B, C, D, initial_state)
+            x, delta, a_cumsum, C, cb, prev_states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
+            *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *prev_states.stride()[:4], *y.stride(),
+            CHUNK=chunk, HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
+        ctx.save_for_backward(x, delta, a_cumsum, B, C, D, initial_state)
         return y, final_state
 
     @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, delta, acs, B, C, D, initial_state = ctx.saved_tensors
+    def backward(ctx, dy, dfinal_state):
+        x, delta, a_cumsum, B, C, D, initial_state = ctx.saved_tensors
         batch, seqlen, nheads, P = x.shape
         ngroups, N = B.shape[2], B.shape[3]
         nchunks, chunk = delta.shape[2], delta.shape[3]
         heads_per_group = nheads // ngroups
         dy = dy.contiguous()
-        # Recompute C Bᵀ and the states entering each chunk: cheaper than keeping (batch, nchunks, nheads, P, N).
+        # Recompute C Bᵀ and prev_states: cheaper than keeping (batch, nchunks, nheads, P, N) from the forward pass.
         cb = _chunk_cb(C, B, chunk)
-        states = _chunk_state(x, B, delta, acs, to_end=True)
-        _state_passing(states, acs, initial_state)
-        # ∂L/∂(state at the end of chunk c): the output gradients of step 4, carried backwards through step 3.
-        dstates = _chunk_state(dy, C, delta, acs, to_end=False)
-        dinitial, da_carried = _state_passing(dstates, acs, dfinal, reverse_of=states)
+        chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)
+        _state_passing(chunk_states, a_cumsum, initial_state)
+        prev_states = chunk_states                                                 # step 3 ran in place
+        # dchunk_states[c] = ∂ℓ/∂h_c: step 4's gradients w.r.t. each h_{c-1}, carried backwards through step 3.
+        dprev_states = _chunk_state(dy, C, delta, a_cumsum, to_end=False)
+        dinitial_state, da_carried = _state_passing(dprev_states, a_cumsum, dfinal_state, prev_states=prev_states)
+        dchunk_states = dprev_states                                               # in place, as in the forward
 
         block_m = min(_BLOCK_M, chunk)
         m_blocks = triton.cdiv(chunk, block_m)
@@ -767,10 +815,9 @@ class _SSDScan(torch.autograd.Function):
         da_pairs = torch.zeros(batch, nheads, nchunks, m_blocks, chunk, device=x.device, dtype=torch.float32)
         dD_parts = torch.zeros(batch * nchunks * m_blocks, nheads, P, device=x.device, dtype=torch.float32)
         _chunk_scan_bwd_dx_kernel[(m_blocks, batch * nchunks, nheads)](
-            x, delta, acs, B, cb, dy, dstates, D if D is not None else x, dx, ddelta, dD_parts, da_state, da_pairs,
-            seqlen, heads_per_group, P, N, *strides, *cb.stride()[:3], *delta.stride()[:3], *dstates.stride()[:4],
-            *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-            **dims)
+            x, delta, a_cumsum, B, cb, dy, dchunk_states, D if D is not None else x, dx, ddelta, dD_parts, da_state,
+            da_pairs, seqlen, heads_per_group, P, N, *strides, *cb.stride()[:3], *delta.stride()[:3],
+            *dchunk_states.stride()[:4], *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, **dims)
 
         slices = min(heads_per_group, triton.cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
         heads_per_program = triton.cdiv(heads_per_group, slices)
@@ -779,21 +826,18 @@ class _SSDScan(torch.autograd.Function):
         dB = torch.empty(batch, seqlen, slices, ngroups, N, device=x.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
         _chunk_scan_bwd_db_kernel[grid](
-            x, delta, acs, C, dy, dstates, dB, seqlen, heads_per_group, heads_per_program, P, N,
-            *strides, *delta.stride()[:3], *dstates.stride()[:4], *dB.stride()[:4], CHUNK=chunk, **dims)
+            x, delta, a_cumsum, C, dy, dchunk_states, dB, seqlen, heads_per_group, heads_per_program, P, N,
+            *strides, *delta.stride()[:3], *dchunk_states.stride()[:4], *dB.stride()[:4], CHUNK=chunk, **dims)
         _chunk_scan_bwd_dc_kernel[grid](
-            x, delta, acs, B, C, dy, states, dC, da_out, seqlen, heads_per_group, heads_per_program, P, N,
-            *strides, *delta.stride()[:3], *states.stride()[:4], *dC.stride()[:4], CHUNK=chunk, **dims)
+            x, delta, a_cumsum, B, C, dy, prev_states, dC, da_out, seqlen, heads_per_group, heads_per_program, P, N,
+            *strides, *delta.stride()[:3], *prev_states.stride()[:4], *dC.stride()[:4], CHUNK=chunk, **dims)
 
-        # ∂L/∂a_τ: step 1's straddling pairs, step 2 (s < τ), step 4 (t ≥ τ), step 3 (the whole chunk)
+        # da_τ: step 1's straddling pairs, step 2 (s < τ), step 4 (t ≥ τ), step 3 (the whole chunk)
         da = (da_pairs.sum(3) + (torch.cumsum(da_state, -1) - da_state)
               + torch.flip(torch.cumsum(torch.flip(da_out, [-1]), -1), [-1]) + da_carried[..., None])
-        dD = None
-        if D is not None:
-            dD = dD_parts.sum(0)
-            dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
-        dinitial = dinitial.to(initial_state.dtype) if initial_state is not None else None
-        return dx, ddelta, da, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial
+        dD = dD_parts.sum(0).sum(-1).to(D.dtype) if D is not None else None
+        dinitial_state = dinitial_state.to(initial_state.dtype) if initial_state is not None else None
+        return dx, ddelta, da, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial_state
 
 
 @reference_off_gpu(ssd_reference)
@@ -802,7 +846,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
     """The chunked SSD scan with Triton kernels, differentiable in every input. Matches `ssd_reference`.
 
     x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,); B, C (batch, seqlen, ngroups, dstate);
-    D (nheads,) or (nheads, headdim); dt_bias (nheads,); initial_state (batch, nheads, headdim, dstate).
+    D (nheads,); dt_bias (nheads,); initial_state (batch, nheads, headdim, dstate).
     Returns y like x, and the final state (batch, nheads, headdim, dstate) in float32 when return_final_state.
     chunk_size: a power of two ≥ 16. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1
     (elsewhere ssd_reference runs)."""
@@ -818,7 +862,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
         D = D.contiguous()
     pad = -x.shape[1] % chunk_size
     delta = F.pad(_delta(dt, dt_bias, dt_softplus).float(), (0, 0, 0, pad))       # Δ = 0 on the padding
-    delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size).contiguous()   # (batch, nheads, nchunks, chunk)
+    # delta, a: (batch, nheads, nchunks, chunk)
+    delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size).contiguous()
     y, final_state = _SSDScan.apply(x, delta, delta * A.float()[:, None, None], B, C, D, initial_state)
     return (y, final_state) if return_final_state else y
 
@@ -828,12 +873,14 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
 
 
 def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
-    """One token of the recurrence in PyTorch; updates `state` in place and returns y.
+    """One token of the recurrence in PyTorch; updates the state h (`state`) in place and returns y.
 
-    state (batch, nheads, headdim, dstate); x (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate).
-    A (nheads,), or None with A_log: A = -exp(A_log), as Mamba-2 stores it."""
+    state (batch, nheads, headdim, dstate); x (batch, nheads, headdim); dt (batch, nheads);
+    B, C (batch, ngroups, dstate); D (nheads,); A (nheads,), or None with A_log: A = -exp(A_log), as Mamba-2 stores
+    it."""
     nheads = x.shape[1]
     _check_A(A, A_log)
+    _check_D(D, nheads)
     A = -torch.exp(A_log.float()) if A is None else A
     delta = _delta(dt, dt_bias, dt_softplus).to(state.dtype)                      # (batch, nheads)
     B_ = repeat(B.to(state.dtype), "b g n -> b (g r) n", r=nheads // B.shape[1])
@@ -843,7 +890,7 @@ def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=
     state.mul_(decay[:, :, None, None]).add_(torch.einsum("bh,bhp,bhn->bhpn", delta, x_, B_))
     y = torch.einsum("bhpn,bhn->bhp", state, C_)
     if D is not None:
-        y = y + _d_term(D.to(state.dtype), x_)
+        y = y + x_ * D.to(state.dtype)[:, None]
     return y.to(x.dtype)
 
 
@@ -870,57 +917,57 @@ def _ssd_step_kernel(
     stride_dt_b,
     stride_bc_b, stride_bc_g,
     stride_y_b, stride_y_h,
-    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x for one token of one head, the state updated in place. With A_IS_LOG,
+    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x for one token of one head, the state h updated in place. With A_IS_LOG,
     A_ptr holds A_log and A = -exp(A_log).
 
     Must match ssd_step_reference."""
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // nheads, pid_bh % nheads
+    b, head = pid_bh // nheads, pid_bh % nheads
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     in_p, in_n = offs_p < P, offs_n < N
 
-    delta = tl.load(dt_ptr + b * stride_dt_b + h).to(tl.float32)
+    delta = tl.load(dt_ptr + b * stride_dt_b + head).to(tl.float32)
     if HAS_DT_BIAS:
-        delta += tl.load(dt_bias_ptr + h).to(tl.float32)
+        delta += tl.load(dt_bias_ptr + head).to(tl.float32)
     if DT_SOFTPLUS:
         delta = _softplus(delta)
-    A = tl.load(A_ptr + h).to(tl.float32)
+    A = tl.load(A_ptr + head).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
     decay = tl.exp(delta * A)
-    x = tl.load(x_ptr + b * stride_x_b + h * stride_x_h + offs_p, mask=in_p, other=0.0).to(tl.float32)
-    bc_off = b * stride_bc_b + (h // heads_per_group) * stride_bc_g + offs_n
+    x = tl.load(x_ptr + b * stride_x_b + head * stride_x_h + offs_p, mask=in_p, other=0.0).to(tl.float32)
+    bc_off = b * stride_bc_b + (head // heads_per_group) * stride_bc_g + offs_n
     Bv = tl.load(B_ptr + bc_off, mask=in_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + bc_off, mask=in_n, other=0.0).to(tl.float32)
 
-    s_ptrs = state_ptr + b.to(tl.int64) * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+    h_ptrs = (state_ptr + b.to(tl.int64) * stride_s_b + head * stride_s_h
+              + offs_p[:, None] * stride_s_p + offs_n[None, :])
     mask = in_p[:, None] & in_n[None, :]
-    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)                        # (BLOCK_P, BLOCK_N)
-    s = s * decay + (delta * x)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, s, mask=mask)
-    y = tl.sum(s * Cv[None, :], axis=1)
+    h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)           # (BLOCK_P, BLOCK_N)
+    h = h * decay + (delta * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h, mask=mask)
+    y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        if D_HAS_HDIM:
-            y += tl.load(D_ptr + h * P + offs_p, mask=in_p, other=0.0).to(tl.float32) * x
-        else:
-            y += tl.load(D_ptr + h).to(tl.float32) * x
-    tl.store(y_ptr + b * stride_y_b + h * stride_y_h + offs_p, y, mask=in_p)
+        y += tl.load(D_ptr + head).to(tl.float32) * x
+    tl.store(y_ptr + b * stride_y_b + head * stride_y_h + offs_p, y, mask=in_p)
 
 
 @reference_off_gpu(ssd_step_reference)
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
-    """One token of the recurrence (Triton): updates `state` in place and returns y (batch, nheads, headdim).
+    """One token of the recurrence (Triton): updates the state h (`state`) in place and returns y (batch, nheads,
+    headdim).
 
     state (batch, nheads, headdim, dstate), contiguous in dstate; x (batch, nheads, headdim); dt (batch, nheads);
-    B, C (batch, ngroups, dstate); A (nheads,), or None with A_log, A = -exp(A_log) then taken inside the kernel (when
-    decoding, the launches of that little computation would cost more than the kernel). Matches ssd_step_reference;
-    repeated over a sequence it matches ssd_scan."""
+    B, C (batch, ngroups, dstate); D (nheads,); A (nheads,), or None with A_log, A = -exp(A_log) then taken inside the
+    kernel (when decoding, the launches of that little computation would cost more than the kernel). Matches
+    ssd_step_reference; repeated over a sequence it matches ssd_scan."""
     _check_A(A, A_log)
     batch, nheads, P = x.shape
+    _check_D(D, nheads)
     N = state.shape[-1]
     if tuple(state.shape) != (batch, nheads, P, N) or state.stride(-1) != 1:
         raise ValueError(f"ssd_step: state must be ({batch}, {nheads}, {P}, dstate) and contiguous in dstate, "
@@ -937,7 +984,6 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_l
         nheads, nheads // B.shape[1], P, N,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0),
         B.stride(0), B.stride(1), y.stride(0), y.stride(1),
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
-        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, A_IS_LOG=A is None, BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N)
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, A_IS_LOG=A is None,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
     return y

@@ -18,7 +18,8 @@ The recipe, top to bottom:
                 supervised tokens of the whole global batch, however it is split into micro-batches and ranks
 5. Checkpoints  a fresh directory per save, published by atomically replacing the `latest` symlink; exact resume
 6. Evaluation   held-out loss, and exact-match accuracy of greedy answers against a majority-answer baseline
-7. The loop     SIGINT/SIGTERM save and exit cleanly; a NaN/inf loss stops before it touches the weights
+7. The loop     `setup`, then `train_loop` (each step: batch, learning rate, step, log, evaluate, checkpoint), then
+                `finish`; SIGINT/SIGTERM save and exit cleanly; a NaN/inf loss stops before it touches the weights
 8. Loss curve   a PNG drawn with pillow
 
 Exact resume: a step's data is a function of (seed, step) only (data.ShardedBatchSampler), the learning rate a
@@ -56,6 +57,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoints
 import data
 from flags import add_flags, option
 from mlmamba import ConnectorConfig, Mamba2Block, Mamba2Config, MLMamba, MLMambaConfig
@@ -147,7 +149,7 @@ PRESETS = {
     "gpu": dict(shapes_train=50_000, steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=2500,
                 save_every=2500, num_workers=6),
     # 2 CPU cores, about 6 minutes: 32 px images on a 4 x 4 patch grid (each quadrant's object 2 x 2 patches, so the
-    # scan order matters), the paper's connector at the small LM's sizes, 2-block towers; about 53% held-out (chance
+    # scan order matters), the paper's connector at the small LM's sizes, 2-block towers; about 50% held-out (chance
     # 30%). At lr 3e-3 the MSC stays at chance for 300+ steps; 1e-3 starts learning after ~400.
     "cpu": dict(shapes_train=8000, shapes_test=500, shapes_image_size=32, image_size=32, patch_size=8,
                 vision_width=64, vision_depth=2, d_model=64, n_layer=2, d_state=16, headdim=32, chunk_size=16,
@@ -477,11 +479,11 @@ def build_model(c, start, vocab_size, ranks):
     torch.manual_seed(c.seed)                          # the same initial weights on every rank
     try:
         if start is not None:
-            model = MLMamba.load_pretrained(start, dtype=torch.float32, device=ranks.device)
+            model = checkpoints.load_pretrained(start, dtype=torch.float32, device=ranks.device)
         elif c.lm is not None:
-            model = MLMamba.from_pretrained(c.lm, c.vision, connector_config(c), dinov2_path=c.dinov2,
-                                            dtype=torch.float32, device=ranks.device,
-                                            image_resize_strategy=c.image_resize_strategy)
+            model = checkpoints.from_pretrained(c.lm, c.vision, connector_config(c), dinov2_path=c.dinov2,
+                                                dtype=torch.float32, device=ranks.device,
+                                                image_resize_strategy=c.image_resize_strategy)
         else:
             model = MLMamba(scratch_config(c, vocab_size)).to(ranks.device)
     except (ValueError, FileNotFoundError) as e:
@@ -597,7 +599,7 @@ def autocast(c, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. Checkpoints
 #
-#   out_dir/ckpt-000500/  model.safetensors, config.json   MLMamba.save_pretrained: what generate.py loads
+#   out_dir/ckpt-000500/  model.safetensors, config.json   checkpoints.save_pretrained: what generate.py loads
 #                         tokenizer.model | tokenizer.json  the run's tokenizer
 #                         train_config.json                 this script's config
 #                         trainer_state.pt                  step, optimizer state, loss history
@@ -635,7 +637,7 @@ def write_checkpoint(directory, model, model_state, optimizer_state, c, step, hi
             unsharded = MLMamba(model.config)
         unsharded.load_state_dict(model_state, assign=True)
         model = unsharded
-    model.save_pretrained(directory)
+    checkpoints.save_pretrained(model, directory)
     for name, contents in tokenizer.items():
         (directory / name).write_bytes(contents)
     (directory / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
@@ -868,7 +870,34 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+@dataclass
+class Training:
+    """What `setup` builds and the training loop needs."""
+    c: TrainConfig                      # the steps and warmup set by --epochs and --warmup_ratio, if given
+    model: MLMamba                      # evaluation calls it directly
+    wrapped: torch.nn.Module            # the training step calls this: the model, DDP-wrapped or FSDP-sharded
+    optimizer: torch.optim.Optimizer
+    dataset: data.ConversationDataset   # the training records
+    held_out: data.ConversationDataset
+    baseline: dict                      # the commonest training answer per question type (`majority_answers`)
+    batches: object                     # this rank's micro-batches of each step's global batch (`batch_stream`)
+    micro_batch_size: int
+    gradient_accumulation_steps: int    # micro-batches per rank and step
+    step: int                           # the steps already done: 0, or those of the checkpoint resumed
+    history: dict                       # train: [[step, loss]], eval: [[step, loss, accuracy]]
+    checkpoint: dict                    # save_checkpoint's arguments, all but the step
+
+
 def run(c, ranks, preset):
+    """Set up, train, report. Returns dict(step, history, result, skipped)."""
+    t = setup(c, ranks, preset)
+    step, result, skipped = train_loop(t, ranks)
+    return finish(t, ranks, step, result, skipped)
+
+
+def setup(c, ranks, preset):
+    """The data (validated), the tokenizer, the model (distributed), the optimizer, the batches and, with --resume,
+    the step, optimizer state and loss history of the latest checkpoint."""
     out_dir = Path(c.out_dir)
     previous = latest_checkpoint(out_dir)
     if previous is not None and not c.resume:
@@ -914,40 +943,47 @@ def run(c, ranks, preset):
         print0(ranks, f"resumed from {previous} at step {step}")
     checkpoint = dict(model=wrapped, optimizer=optimizer, c=c, history=history,
                       tokenizer=tokenizer_files(tokenizer_file), ranks=ranks)
-
     batches = batch_stream(dataset, dataclasses.replace(c, micro_batch_size=micro_batch_size), ranks, step)
+    return Training(c=c, model=model, wrapped=wrapped, optimizer=optimizer, dataset=dataset, held_out=held_out,
+                    baseline=baseline, batches=batches, micro_batch_size=micro_batch_size,
+                    gradient_accumulation_steps=share // micro_batch_size, step=step, history=history,
+                    checkpoint=checkpoint)
+
+
+def train_loop(t, ranks):
+    """Step by step to --steps: a global batch, the learning rate, an optimizer step, the log, and now and then a
+    held-out evaluation and a checkpoint; a stop signal saves and leaves early. Returns (the last step done, the last
+    evaluation or None, the examples skipped for unreadable images)."""
+    c, step, out_dir = t.c, t.step, Path(t.c.out_dir)
     skipped, result = [], None
     progress = tqdm(total=c.steps, initial=step, desc="train", disable=not ranks.main, dynamic_ncols=True)
     stop = StopSignal()
     try:
-        print0(ranks, f"training steps {step + 1} to {c.steps}: {c.batch_size} samples per step = "
-                      f"{ranks.world_size} rank(s) x {share // micro_batch_size} micro-batch(es) of {micro_batch_size}")
+        print0(ranks, f"training steps {step + 1} to {c.steps}: {c.batch_size} samples per step = {ranks.world_size} "
+                      f"rank(s) x {t.gradient_accumulation_steps} micro-batch(es) of {t.micro_batch_size}")
         while step < c.steps:
             tic = time.perf_counter()
             seed_step(c, step, ranks.rank)
-            try:
-                micro_batches = [never_empty(b, dataset) for b in next(batches)]
-            except ValueError as e:                    # --strict_images, and an image failed to load
-                raise TrainingError(str(e)) from None
+            micro_batches = next_batch(t.batches, t.dataset)
             skipped += [s for b in micro_batches for s in b["skipped"]]
-            for group in optimizer.param_groups:
+            for group in t.optimizer.param_groups:
                 group["lr"] = learning_rate(c, step)
-            loss, grad_norm, tokens, nonfinite = train_step(wrapped, micro_batches, optimizer, c, ranks,
-                                                            model.num_visual_tokens)
+            loss, grad_norm, tokens, nonfinite = train_step(t.wrapped, micro_batches, t.optimizer, c, ranks,
+                                                            t.model.num_visual_tokens)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(diverged_message(step + 1, loss, grad_norm, nonfinite, c, out_dir))
             step += 1
-            history["train"].append([step, loss])
+            t.history["train"].append([step, loss])
             progress.update()
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
                                  tok_s=f"{tokens / (time.perf_counter() - tic):,.0f}")
             if step % c.eval_every == 0 or step == c.steps:
-                result = evaluate(model, held_out, c, baseline, ranks)
-                history["eval"].append([step, result["loss"], result["accuracy"]])
+                result = evaluate(t.model, t.held_out, c, t.baseline, ranks)
+                t.history["eval"].append([step, result["loss"], result["accuracy"]])
                 print0(ranks, report(result, step))
             received = all_sum([stop.received is not None], ranks)[0]
             if received or step % c.save_every == 0 or step == c.steps:
-                path = save_checkpoint(step=step, **checkpoint)
+                path = save_checkpoint(step=step, **t.checkpoint)
             if received:
                 print0(ranks, f"stopped by {stop.received or 'a signal on another rank'} at step {step}; checkpoint "
                               f"{path}; continue with: python train.py --out_dir {out_dir} --resume")
@@ -955,15 +991,30 @@ def run(c, ranks, preset):
     finally:
         progress.close()
         stop.restore()
+    return step, result, skipped
+
+
+def next_batch(batches, dataset):
+    """This rank's micro-batches of the next global batch, none of them empty (`never_empty`)."""
+    try:
+        return [never_empty(b, dataset) for b in next(batches)]
+    except ValueError as e:                            # --strict_images, and an image failed to load
+        raise TrainingError(str(e)) from None
+
+
+def finish(t, ranks, step, result, skipped):
+    """After the loop: the skipped images, the loss curve and, when the run reached --steps, its held-out accuracy
+    and a command that tries the model. Returns dict(step, history, result, skipped)."""
+    c, out_dir = t.c, Path(t.c.out_dir)
     if result is None and step == c.steps:             # resumed after the last step: evaluate all the same
-        result = evaluate(model, held_out, c, baseline, ranks)
+        result = evaluate(t.model, t.held_out, c, t.baseline, ranks)
         print0(ranks, report(result, step))
     if ranks.main:
         print0(ranks, data.skip_summary(skipped))
-        plot = plot_losses(history, out_dir / "loss.png", c.steps)
+        plot = plot_losses(t.history, out_dir / "loss.png", c.steps)
         print0(ranks, f"loss curve: {plot}")
     if result is not None and step == c.steps:
-        example = eval_records[0]
+        example, images = t.held_out.records[0], t.held_out.image_folder
         image = f" --image {Path(images) / example['image']}" if isinstance(example.get("image"), str) else ""
         print0(ranks, f"held-out accuracy: {100 * result['accuracy']:.1f}% (chance {100 * result['baseline']:.1f}%: "
                       f"the commonest training answer per question type); checkpoint: {out_dir / 'latest'}; try it: "
@@ -972,7 +1023,7 @@ def run(c, ranks, preset):
         if result["accuracy"] <= result["baseline"]:
             print0(ranks, f"the model did not beat chance: a learning rate too high for this model can keep it from "
                           f"learning without any error (--lr {c.lr:g}); try half of it, or the preset's")
-    return dict(step=step, history=history, result=result, skipped=skipped)
+    return dict(step=step, history=t.history, result=result, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

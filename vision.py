@@ -13,8 +13,8 @@ features to the connector, which scans the 2D grid. Two towers are supported, bu
 `FusedVisionEncoder` runs both on the image and concatenates their patch features channel-wise, as Prismatic's
 "dinosiglip" backbone (Karamcheti et al. 2024, arXiv 2402.07865) that ML-Mamba inherits through Cobra. The released
 ML-Mamba (github.com/WenjunHuang94/ML-Mamba, mlmamba/models/backbones/vision/dinosiglip_vit.py) fuses timm's
-`vit_large_patch14_reg4_dinov2.lvd142m` and `vit_so400m_patch14_siglip_384`, both created at 384 px; `load_vision`
-reads those timm folders as well as Hugging Face ones.
+`vit_large_patch14_reg4_dinov2.lvd142m` and `vit_so400m_patch14_siglip_384`, both created at 384 px;
+checkpoints.py's `load_vision` reads those timm folders as well as Hugging Face ones into a `VisionEncoder`.
 
 Input convention: `pixel_values` are RGB in [0, 1], (batch, 3, height, width), from `preprocess_for` (or
 `preprocess`). Each tower normalises with its own checkpoint's mean/std as its first step, so towers fed the same
@@ -23,16 +23,18 @@ tower's mean colour), a fused encoder takes (batch, 3 * towers, height, width). 
 `hidden_states[feature_layer]`, before the post layernorm, prefix tokens (CLS, registers) dropped: -2, the
 second-to-last block's output, as LLaVA and Prismatic take.
 
-    encoder = load_vision("vit_so400m_patch14_siglip_384", dinov2_path="vit_large_patch14_reg4_dinov2.lvd142m",
-                          image_size=384, dtype=torch.bfloat16, device="cuda")
+1. The transformer  `VisionEncoder` (one tower), `FusedVisionEncoder` (towers side by side)
+2. Images           `load_image`, `preprocess` (the resize strategies), `preprocess_for` / `ImageTransform` (each
+                    tower's own picture)
+
+    encoder = checkpoints.load_vision("vit_so400m_patch14_siglip_384",
+                                      dinov2_path="vit_large_patch14_reg4_dinov2.lvd142m", image_size=384,
+                                      dtype=torch.bfloat16, device="cuda")
     pixels = preprocess_batch_for(encoder, ["cat.jpg", "dog.png"], "resize-naive").cuda()
     features = encoder(pixels)               # (batch, num_patches, out_dim), patches in row-major grid_size order
 """
-import json
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +43,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from einops import rearrange
 from PIL import Image, ImageOps
-from safetensors import SafetensorError, safe_open
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)    # DINOv2's normalisation
 
@@ -193,8 +194,8 @@ class Block(nn.Module):
 class VisionEncoder(nn.Module):
     """A ViT tower: `forward(pixel_values)` gives the patch features of layer `config.feature_layer`.
 
-    Built from a config it has fresh random weights (for training from scratch); `load_vision` fills it with a
-    checkpoint's. `grid_size`, `num_patches` and `out_dim` describe the features at `config.image_size`."""
+    Built from a config it has fresh random weights (for training from scratch); checkpoints.load_vision fills it
+    with a checkpoint's. `grid_size`, `num_patches` and `out_dim` describe the features at `config.image_size`."""
 
     def __init__(self, config):
         super().__init__()
@@ -333,416 +334,7 @@ class FusedVisionEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. Loading checkpoints: local folders in Hugging Face's layout or timm's
-
-
-def _read_json(file):
-    """A JSON object from file; ValueError naming the file when it is not one."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:          # not UTF-8 or JSON, nested too deep, a 4300-digit number
-        raise ValueError(f"vision: {file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"vision: {file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def _square(value, name):
-    """A side from an int or a [side, side] pair (timm writes sizes as pairs)."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not supported (only a square size)")
-    return value
-
-
-# --- Hugging Face: config.json with model_type, preprocessor_config.json, HF tensor names
-
-# model_type -> kind: which defaults, tensors and position-embedding resampling apply
-_HF_KINDS = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
-             "dinov2_with_registers": "dinov2_with_registers"}
-# Values HF's SiglipVisionConfig / Dinov2Config / Dinov2WithRegistersConfig take when config.json leaves them out
-# (google/siglip-* leave most out)
-_HF_DINOV2_DEFAULTS = dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
-                           image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
-                           use_swiglu_ffn=False)
-_HF_DEFAULTS = {
-    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-    "dinov2": _HF_DINOV2_DEFAULTS,
-    "dinov2_with_registers": {**_HF_DINOV2_DEFAULTS, "num_register_tokens": 4},
-}
-_HF_GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}                    # hidden_act -> VisionConfig.gelu
-# Checkpoint tensors that a vision tower does not use: SigLIP's text tower, contrastive logit scale/bias and attention
-# pooling head; DINOv2's mask token (masked-image pretraining only)
-_HF_IGNORED = {"siglip": ("text_model.", "logit_scale", "logit_bias", "head."),
-               "dinov2": ("embeddings.mask_token",), "dinov2_with_registers": ("embeddings.mask_token",)}
-
-
-def _hf_config(directory, raw, image_size, feature_layer):
-    """(VisionConfig, kind) from an HF folder's config.json, read into raw, and its preprocessor_config.json (mean,
-    std and input size)."""
-    file = directory / "config.json"
-    model_type = raw.get("model_type")
-    kind = _HF_KINDS.get(model_type) if isinstance(model_type, str) else None
-    if kind is None:
-        raise ValueError(f"vision: {file} has model_type {model_type!r}; supported: 'siglip' (SiglipModel), "
-                         f"'siglip_vision_model' (SiglipVisionModel), 'dinov2' (Dinov2Model), 'dinov2_with_registers' "
-                         f"(Dinov2WithRegistersModel); or timm's config.json, which names an 'architecture'")
-    processor = directory / "preprocessor_config.json"
-    p = _read_json(processor) if processor.is_file() else {}
-    try:
-        config = _hf_vision_config(kind, raw.get("vision_config", {}) if model_type == "siglip" else raw, p,
-                                   image_size, feature_layer)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:    # values of the wrong type or size
-        files = f"{file} or {processor.name}" if p else file
-        raise ValueError(f"vision: {files}: {str(e).removeprefix('vision: ')}") from None
-    return config, kind
-
-
-def _hf_vision_config(kind, fields, p, image_size, feature_layer):
-    """VisionConfig from the HF config's fields (`vision_config` of a SiglipModel) and its preprocessor config p."""
-    hf = {**_HF_DEFAULTS[kind], **fields}
-    arch = "siglip" if kind == "siglip" else "dinov2"
-    expected = {"num_channels": 3}
-    if arch == "dinov2":
-        expected.update(qkv_bias=True, use_swiglu_ffn=False)                 # dinov2-giant's SwiGLU is not supported
-    for key, value in expected.items():
-        if hf[key] != value:
-            raise ValueError(f"{key}={hf[key]!r} is not supported (only {value!r})")
-    if hf["hidden_act"] not in _HF_GELU:
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only {' or '.join(_HF_GELU)})")
-    width = hf["hidden_size"]
-    mlp_dim = hf["intermediate_size"] if arch == "siglip" else int(width * hf["mlp_ratio"])
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if arch == "dinov2" else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    native_size = hf["image_size"]                                           # what the position embeddings cover
-    if p:                                                                    # the checkpoint's own input size and stats
-        mean, std = p.get("image_mean", mean), p.get("image_std", std)
-        size = p.get("crop_size") if p.get("do_center_crop") else p.get("size")
-        if isinstance(size, dict) and "height" in size:
-            native_size = size["height"]
-    # crop_pct stays 1: "resize-crop" as timm's DINOv2 configs and Prismatic's SigLIP transform have it (HF's DINOv2
-    # processor's 224-of-256 crop is not followed)
-    return VisionConfig(arch=arch, image_size=image_size or native_size, patch_size=hf["patch_size"], width=width,
-                        depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"], mlp_dim=mlp_dim,
-                        norm_eps=hf["layer_norm_eps"], registers=hf.get("num_register_tokens", 0),
-                        gelu=_HF_GELU[hf["hidden_act"]], pos_grid=hf["image_size"] // hf["patch_size"],
-                        pos_antialias=kind == "dinov2_with_registers",      # Dinov2WithRegistersEmbeddings does
-                        feature_layer=feature_layer, image_mean=tuple(mean), image_std=tuple(std))
-
-
-# Our module -> the checkpoint's, for the .weight and .bias of each; {i} runs over the blocks. Our attention keeps q, k
-# and v in one stacked Linear (one matmul instead of three): its weight is the concatenation of the checkpoint's three.
-_SIGLIP_MODULES = {
-    "patch_embed": "embeddings.patch_embedding",
-    "blocks.{i}.norm1": "encoder.layers.{i}.layer_norm1",
-    "blocks.{i}.attn.qkv": ["encoder.layers.{i}.self_attn.q_proj", "encoder.layers.{i}.self_attn.k_proj",
-                            "encoder.layers.{i}.self_attn.v_proj"],
-    "blocks.{i}.attn.proj": "encoder.layers.{i}.self_attn.out_proj",
-    "blocks.{i}.norm2": "encoder.layers.{i}.layer_norm2",
-    "blocks.{i}.mlp.fc1": "encoder.layers.{i}.mlp.fc1",
-    "blocks.{i}.mlp.fc2": "encoder.layers.{i}.mlp.fc2",
-    "norm": "post_layernorm",
-}
-_DINOV2_MODULES = {
-    "patch_embed": "embeddings.patch_embeddings.projection",
-    "blocks.{i}.norm1": "encoder.layer.{i}.norm1",
-    "blocks.{i}.attn.qkv": ["encoder.layer.{i}.attention.attention.query", "encoder.layer.{i}.attention.attention.key",
-                            "encoder.layer.{i}.attention.attention.value"],
-    "blocks.{i}.attn.proj": "encoder.layer.{i}.attention.output.dense",
-    "blocks.{i}.norm2": "encoder.layer.{i}.norm2",
-    "blocks.{i}.mlp.fc1": "encoder.layer.{i}.mlp.fc1",
-    "blocks.{i}.mlp.fc2": "encoder.layer.{i}.mlp.fc2",
-    "norm": "layernorm",
-}
-
-
-def _cat(*parts):
-    """The checkpoint tensors concatenated (one alone is copied)."""
-    return torch.cat(parts)
-
-
-def _module_names(modules, depth):
-    """Our .weight/.bias parameter name -> ([the checkpoint tensors it is made of], how to make it from them)."""
-    out = {}
-    for ours, theirs in modules.items():
-        for i in range(depth) if "{i}" in ours else [None]:
-            for kind in ("weight", "bias"):
-                parts = [f"{t.format(i=i)}.{kind}" for t in (theirs if isinstance(theirs, list) else [theirs])]
-                out[f"{ours.format(i=i)}.{kind}"] = (parts, _cat)
-    return out
-
-
-def _hf_names(config):
-    """Our parameter name -> ([the HF checkpoint tensors it is made of], how to make it from them)."""
-    if config.arch == "siglip":
-        return {**_module_names(_SIGLIP_MODULES, config.depth),
-                "pos_embed": (["embeddings.position_embedding.weight"], _cat)}
-    out = _module_names(_DINOV2_MODULES, config.depth)
-    pos = "embeddings.position_embeddings"                                   # (1, 1 + grid², width), CLS row first
-    out["pos_embed"] = ([pos], lambda p: p[0, 1:])
-    out["cls_token"] = (["embeddings.cls_token", pos], lambda cls, p: cls[0, 0] + p[0, 0])
-    if config.registers:                 # none of their own: Dinov2WithRegistersEmbeddings adds none to the registers
-        out["reg_token"] = (["embeddings.register_tokens"], lambda r: r[0])
-    for i in range(config.depth):
-        for j in (1, 2):
-            out[f"blocks.{i}.gamma{j}"] = ([f"encoder.layer.{i}.layer_scale{j}.lambda1"], _cat)
-    return out
-
-
-# --- timm: config.json with "architecture", "model_args", "pretrained_cfg" (timm/models/_hub.py, save_config_for_hf)
-
-# The VisionTransformer arguments that shape a tower, at the constructor's defaults (timm/models/vision_transformer.py,
-# VisionTransformer.__init__; its LayerNorm has eps 1e-6, its Mlp int(embed_dim * mlp_ratio) hidden units)
-_TIMM_DEFAULTS = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, class_token=True,
-                      reg_tokens=0, no_embed_class=False, init_values=None, act_layer=None)
-# Each supported architecture's own arguments, from its model function in that file. The released ML-Mamba fuses
-# vit_large_patch14_reg4_dinov2 and vit_so400m_patch14_siglip_384.
-_DINOV2, _REG4 = dict(patch_size=14, init_values=1e-5), dict(reg_tokens=4, no_embed_class=True)
-_SIGLIP_B16 = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False)
-_SIGLIP_SO400M = dict(patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, class_token=False)
-_TIMM_ARCHS = {
-    "vit_small_patch14_dinov2": dict(_DINOV2, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch14_dinov2": dict(_DINOV2, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch14_dinov2": dict(_DINOV2, embed_dim=1024, depth=24, num_heads=16),
-    "vit_small_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=1024, depth=24, num_heads=16),
-    "vit_base_patch16_siglip_224": _SIGLIP_B16,
-    "vit_base_patch16_siglip_384": _SIGLIP_B16,
-    "vit_so400m_patch14_siglip_224": _SIGLIP_SO400M,
-    "vit_so400m_patch14_siglip_384": _SIGLIP_SO400M,
-}
-# Arguments whose other values change the computation in ways not supported here
-_TIMM_REQUIRED = dict(in_chans=3, qkv_bias=True, qk_norm=False, proj_bias=True, pre_norm=False, final_norm=True,
-                      pos_embed="learn", dynamic_img_pad=False)
-# Arguments of the head, of training, or of run-time resizing (ours always resamples): ignored
-_TIMM_IGNORED_ARGS = ("img_size", "num_classes", "global_pool", "fc_norm", "pool_include_prefix", "dynamic_img_size",
-                      "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-                      "drop_path_rate", "weight_init", "fix_init")
-_TIMM_GELU = {None: "none", "gelu": "none", "gelu_tanh": "tanh"}           # act_layer (None: nn.GELU) -> gelu
-# Tensors of the pooling head (SigLIP's attention pool "map"), none of the features
-_TIMM_IGNORED = ("attn_pool.", "fc_norm.", "head.")
-
-
-def _timm_config(file, raw, image_size, feature_layer):
-    """(VisionConfig, no_embed_class) from timm's config.json, read into raw; ValueError naming the file."""
-    try:
-        return _timm_vision_config(raw, image_size, feature_layer)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:    # values of the wrong type or size
-        raise ValueError(f"vision: {file}: {str(e).removeprefix('vision: ')}") from None
-
-
-def _timm_vision_config(raw, image_size, feature_layer):
-    """timm's own reading of config.json (timm/models/_hub.py, _parse_model_cfg; timm/data/config.py,
-    resolve_data_config for the defaults of the preprocessing fields), into a VisionConfig."""
-    name = raw["architecture"]                             # "vit_large_patch14_reg4_dinov2.lvd142m": tag after the dot
-    base = name.split(".", 1)[0] if isinstance(name, str) else None
-    if base not in _TIMM_ARCHS:
-        raise ValueError(f"architecture {name!r} is not supported; supported: {', '.join(_TIMM_ARCHS)}")
-    model_args = raw.get("model_args", {})
-    if not isinstance(model_args, dict):
-        raise ValueError(f"model_args must be an object, got {type(model_args).__name__}")
-    unknown = sorted(set(model_args) - set(_TIMM_DEFAULTS) - set(_TIMM_REQUIRED) - set(_TIMM_IGNORED_ARGS))
-    if unknown:
-        raise ValueError(f"model_args {unknown} are not supported")
-    args = {**_TIMM_DEFAULTS, **_TIMM_REQUIRED, **_TIMM_ARCHS[base], **model_args}
-    for key, value in _TIMM_REQUIRED.items():
-        if args[key] != value:
-            raise ValueError(f"{key}={args[key]!r} is not supported (only {value!r})")
-    if args["act_layer"] not in _TIMM_GELU:
-        raise ValueError(f"act_layer={args['act_layer']!r} is not supported (only 'gelu' or 'gelu_tanh')")
-    if args["class_token"] != (args["init_values"] is not None):              # our arch ties the two together
-        raise ValueError(f"class_token={args['class_token']!r} with init_values={args['init_values']!r} is not "
-                         f"supported (DINOv2: a class token and layer scale; SigLIP: neither)")
-    cfg = raw.get("pretrained_cfg", raw)                   # older exports keep its fields at the top level
-    if not isinstance(cfg, dict):
-        raise ValueError(f"pretrained_cfg must be an object, got {type(cfg).__name__}")
-    for key, value in (("interpolation", "bicubic"), ("crop_mode", "center")):   # what `preprocess` does
-        if cfg.get(key, value) != value:
-            raise ValueError(f"pretrained_cfg {key}={cfg[key]!r} is not supported (only {value!r})")
-    # the input size: model_args' img_size, else pretrained_cfg's (timm/_builder.py, _update_default_model_kwargs)
-    native_size = _square(model_args.get("img_size") or list(cfg.get("input_size", (3, 224, 224)))[1:], "img_size")
-    patch_size, width = _square(args["patch_size"], "patch_size"), args["embed_dim"]
-    image_size = image_size or native_size
-    config = VisionConfig(arch="dinov2" if args["class_token"] else "siglip", image_size=image_size,
-                          patch_size=patch_size, width=width, depth=args["depth"], heads=args["num_heads"],
-                          mlp_dim=int(width * args["mlp_ratio"]), norm_eps=1e-6, registers=args["reg_tokens"],
-                          gelu=_TIMM_GELU[args["act_layer"]],
-                          pos_grid=image_size // patch_size,               # resampled on loading, as timm does
-                          pos_antialias=True,                              # as timm's dynamic_img_size resampling
-                          feature_layer=feature_layer, image_mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                          image_std=tuple(cfg.get("std", IMAGENET_STD)), crop_pct=cfg.get("crop_pct") or 0.875)
-    return config, args["no_embed_class"]
-
-
-def _timm_names(config, no_embed_class):
-    """Our parameter name -> ([the timm checkpoint tensors it is made of], how to make it from them).
-
-    The stored position embeddings are resampled to config.image_size's grid as timm's `checkpoint_filter_fn`
-    (timm/models/vision_transformer.py) does when a model is created with another img_size, as the released ML-Mamba
-    creates both towers at 384 px: `resample_abs_pos_embed`, bicubic, antialiased, in float32. Their rows for the
-    prefix tokens (none under no_embed_class, as in the reg4 DINOv2s) are added to those tokens here."""
-    names = {f"{p}.{kind}": ([f"{p}.{kind}"], _cat) for kind in ("weight", "bias")
-             for p in ["norm", *(f"blocks.{i}.{m}" for i in range(config.depth)
-                                 for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"))]}
-    names.update({f"patch_embed.{kind}": ([f"patch_embed.proj.{kind}"], _cat) for kind in ("weight", "bias")})
-    n_cls, n_reg = int(config.arch == "dinov2"), config.registers
-    stored_prefix = 0 if no_embed_class else n_cls + n_reg                   # rows in front of the patches' rows
-    grid = (config.image_size // config.patch_size,) * 2
-    names["pos_embed"] = (["pos_embed"], lambda p: resample_pos_embed(p[0, stored_prefix:], grid, antialias=True))
-    prefix_pos = lambda p: p[0, :stored_prefix] if stored_prefix else p.new_zeros(n_cls + n_reg, p.shape[-1])
-    if n_cls:
-        names["cls_token"] = (["cls_token", "pos_embed"], lambda cls, p: cls[0, 0] + prefix_pos(p)[0])
-    if n_reg:
-        names["reg_token"] = (["reg_token", "pos_embed"], lambda reg, p: reg[0] + prefix_pos(p)[n_cls:])
-    if config.arch == "dinov2":
-        for i in range(config.depth):
-            for j in (1, 2):
-                names[f"blocks.{i}.gamma{j}"] = ([f"blocks.{i}.ls{j}.gamma"], _cat)
-    return names
-
-
-# --- Both layouts
-
-
-def _read_tensors(directory, ignored):
-    """The checkpoint's tensors by name (a SiglipModel's "vision_model." prefix removed), those starting with an
-    `ignored` prefix skipped unread. Reads model.safetensors, its shards (model.safetensors.index.json) or, failing
-    those, pytorch_model.bin (tensors only: weights_only)."""
-    def vision_names(names):
-        """(name in the file, name without the prefix) for the names a vision tower uses."""
-        stripped = ((name, name.removeprefix("vision_model.")) for name in names)
-        return [(name, short) for name, short in stripped if not short.startswith(ignored)]
-
-    index = directory / "model.safetensors.index.json"
-    if (directory / "model.safetensors").is_file():
-        files, source = [directory / "model.safetensors"], directory / "model.safetensors"
-    elif index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise ValueError(f"vision: {index}: no 'weight_map' from tensor names to file names")
-        files, source = sorted({directory / f for f in weight_map.values()}), index
-    elif (directory / "pytorch_model.bin").is_file():
-        source = directory / "pytorch_model.bin"
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:                         # refused (not only tensors), truncated, corrupt: many kinds
-            raise ValueError(f"vision: {source}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
-            raise ValueError(f"vision: {source}: expected a state dict {{name: tensor}}, got {type(state).__name__}")
-        return {short: state[name] for name, short in vision_names(state)}, source
-    else:
-        raise FileNotFoundError(f"vision: no model.safetensors (or its shards, or pytorch_model.bin) in {directory}")
-    tensors = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"vision: {file}, a shard that {source} lists, not found")
-        try:
-            with safe_open(file, framework="pt") as f:
-                tensors.update({short: f.get_tensor(name) for name, short in vision_names(f.keys())})
-        except SafetensorError as e:
-            raise ValueError(f"vision: {file}: not a readable safetensors file, truncated or corrupt? ({e})") from None
-    return tensors, source
-
-
-def _convert(model, tensors, source, names):
-    """Our state dict from the checkpoint's tensors, names from `_hf_names` or `_timm_names`; ValueError listing every
-    missing, unexpected, mis-shaped or non-floating-point one (any floating dtype is converted on loading)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, used, missing, wrong, not_float = {}, set(), [], [], []
-    for ours, (theirs, make) in names.items():
-        used.update(theirs)
-        absent = [name for name in theirs if name not in tensors]
-        if absent:
-            missing += [name for name in absent if name not in missing]     # pos_embed serves several of ours
-            continue
-        parts = [tensors[name] for name in theirs]
-        try:
-            tensor, why = make(*parts), ""
-        except (RuntimeError, IndexError, ValueError) as e:                  # parts that do not fit together
-            tensor, why = None, f" ({str(e).splitlines()[0].removeprefix('vision: ')})"
-        if tensor is None or tuple(tensor.shape) != expected[ours]:
-            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(theirs, parts))
-            wrong.append(f"{shapes} for {ours} {expected[ours]}{why}")
-        elif not all(t.is_floating_point() for t in parts):
-            not_float += [f"{name} {t.dtype}" for name, t in zip(theirs, parts) if not t.is_floating_point()]
-        else:
-            state[ours] = tensor
-    unexpected = sorted(set(tensors) - used)
-    if missing or unexpected or wrong or not_float:
-        c = model.config
-        listing = lambda names: ", ".join(names[:20]) + (f" ... and {len(names) - 20} more" if len(names) > 20 else "")
-        problems = [f"  {what} ({len(names)}): {listing(names)}" for what, names in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                     ("wrong dtype, not floating point", not_float)) if names]
-        raise ValueError(f"vision: {source} does not match its config.json ({c.arch}, width {c.width}, depth "
-                         f"{c.depth}, heads {c.heads}, mlp {c.mlp_dim}, patch {c.patch_size}, {c.registers} registers, "
-                         f"position grid {c.pos_grid}x{c.pos_grid}):\n" + "\n".join(problems))
-    return state
-
-
-def _load_tower(path, image_size, feature_layer, dtype, device):
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"vision: {directory} is not a directory; expected a local Hugging Face or timm model "
-                                f"folder")
-    file = directory / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"vision: {file} not found; expected a Hugging Face or timm model folder (config.json "
-                                f"and model.safetensors) of a SigLIP or DINOv2 model")
-    raw = _read_json(file)
-    timm_layout = "architecture" in raw                         # Hugging Face's names a "model_type" instead
-    if timm_layout:
-        config, no_embed_class = _timm_config(file, raw, image_size, feature_layer)
-        ignored = _TIMM_IGNORED
-    else:
-        config, kind = _hf_config(directory, raw, image_size, feature_layer)
-        ignored = _HF_IGNORED[kind]
-    tensors, source = _read_tensors(directory, ignored)
-    blocks = {m.group(1) for m in map(re.compile(r"(?:encoder\.layers?|blocks)\.(\d+)\.").match, tensors) if m}
-    if config.depth > len(blocks):                     # checked first: a billion blocks would take hours to build
-        raise ValueError(f"vision: {directory / 'config.json'} has {config.depth} blocks, but {source} holds only "
-                         f"{len(blocks)}")
-    try:
-        with torch.device("meta"):                                            # no memory, no random init
-            model = VisionEncoder(config)
-    except (RuntimeError, TypeError) as e:                                    # torch's, for sizes past int64
-        raise ValueError(f"vision: {directory / 'config.json'}: sizes too large to build "
-                         f"({str(e).splitlines()[0]})") from None
-    names = _timm_names(config, no_embed_class) if timm_layout else _hf_names(config)
-    model.load_state_dict(_convert(model, tensors, source, names), assign=True)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def load_vision(path, dinov2_path=None, dtype=torch.float32, device="cpu", image_size=None, feature_layer=-2):
-    """A vision encoder from a local folder in Hugging Face's or timm's layout, in eval mode.
-
-    path: a folder with config.json and model.safetensors (or its shards, or pytorch_model.bin) of
-    - Hugging Face: SigLIP (`google/siglip-*` SiglipModel, text tower ignored, or a SiglipVisionModel), DINOv2
-      (`facebook/dinov2-*`) or DINOv2 with registers (`facebook/dinov2-with-registers-*`); preprocessor_config.json,
-      when present, gives the normalisation and default input size;
-    - timm (the hub's `timm/<architecture>.<tag>` folders, or `timm.models.save_for_hf`'s): an architecture of
-      `_TIMM_ARCHS`, such as the released ML-Mamba's `vit_large_patch14_reg4_dinov2.lvd142m` and
-      `vit_so400m_patch14_siglip_384`, sizes updated by config.json's "model_args", normalisation, input size and crop
-      from its "pretrained_cfg".
-    dinov2_path: a DINOv2 folder to fuse in front of `path`'s tower (a `FusedVisionEncoder`, at `path`'s input size
-    unless image_size is given), as Prismatic's dinosiglip backbone. image_size: the input side in pixels; where the
-    checkpoint's position embeddings cover another grid, a timm checkpoint's are resampled on loading as timm does, a
-    Hugging Face one's on every forward as transformers does. feature_layer: see VisionConfig. Raises ValueError
-    naming the file and every missing, unexpected or mis-shaped tensor."""
-    tower = _load_tower(path, image_size, feature_layer, dtype, device)
-    if dinov2_path is None:
-        return tower
-    dino = _load_tower(dinov2_path, image_size or tower.image_size, feature_layer, dtype, device)
-    if dino.config.arch != "dinov2":
-        raise ValueError(f"vision: dinov2_path {dinov2_path} holds a {dino.config.arch} model, not DINOv2")
-    return FusedVisionEncoder([dino, tower])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 3. Images in, pixel tensors out
+# 2. Images in, pixel tensors out
 
 
 def load_image(image):

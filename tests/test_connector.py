@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import mlmamba
+from checkpoints import connector_state_from_release
 from conftest import DEVICE
-from mlmamba import Connector, ConnectorConfig, Mamba2Config, Mamba2ScanMixer, connector_state_from_release
+from mlmamba import Connector, ConnectorConfig, Mamba2Config, Mamba2ScanMixer
 from scan2d_kernel import SCAN_ORDERS, register_scan, scan_permutation
 from ssd_kernel import ssd_naive
 

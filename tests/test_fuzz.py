@@ -1,7 +1,7 @@
 """Generated bad inputs through the loaders (hypothesis), beyond the hand-picked ones of the other tests.
 
 Targets: safetensors files with mutated headers, truncated or bit-flipped data, or well-formed but with the wrong
-tensors, through load_mamba2, vision.load_vision and MLMamba.load_pretrained on tiny checkpoints written here;
+tensors, through checkpoints.load_mamba2, load_vision and load_pretrained on tiny checkpoints written here;
 mutated config.json values and types, and corrupted JSON text, for the three; random LLaVA records (missing keys, wrong
 types, huge strings, odd unicode, <image> markers anywhere) and corrupted record files through data.py's loading,
 validation, dataset and batching; random and damaged image files through vision.preprocess.
@@ -35,8 +35,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import data
+import checkpoints
 import vision
-from mlmamba import ConnectorConfig, Mamba2Config, Mamba2LM, MLMamba, MLMambaConfig, load_mamba2
+from checkpoints import load_mamba2
+from mlmamba import ConnectorConfig, Mamba2Config, Mamba2LM, MLMamba, MLMambaConfig
 from tokenizer import load_tokenizer
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
@@ -312,9 +314,9 @@ def lm_files():
 
 
 def _hf_vision_state(encoder):
-    """A VisionEncoder's weights under the Hugging Face names (`vision._hf_names` read backwards)."""
+    """A VisionEncoder's weights under the Hugging Face names (`checkpoints._hf_names` read backwards)."""
     ours, out = encoder.state_dict(), {}
-    for name, (theirs, _) in vision._hf_names(encoder.config).items():
+    for name, (theirs, _) in checkpoints._hf_names(encoder.config).items():
         tensor = ours[name].detach()
         if name == "pos_embed" and encoder.config.arch == "dinov2":          # (1, 1 + grid², width), CLS row first
             out[theirs[0]] = torch.cat([torch.zeros(1, tensor.shape[1]), tensor])[None]
@@ -354,7 +356,7 @@ def mlmamba_files():
                            lm=Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=16, headdim=16, chunk_size=16))
     model = MLMamba(config)
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(Path(folder) / "ckpt")
+        checkpoints.save_pretrained(model, Path(folder) / "ckpt")
         tree = json.loads((Path(folder) / "ckpt" / "config.json").read_text())
         raw = (Path(folder) / "ckpt" / "model.safetensors").read_bytes()
     return Files(tree=tree, raw=raw, state={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -414,7 +416,7 @@ def test_vision_weights(vision_files, data):
     files = {"config.json": json.dumps(tower["tree"]).encode(), **weights,
              "preprocessor_config.json": json.dumps(tower["processor"]).encode()}
     with folder_with(files) as folder:
-        model = attempt("vision weights", lambda: vision.load_vision(folder), [folder])
+        model = attempt("vision weights", lambda: checkpoints.load_vision(folder), [folder])
     assert model is not None or not must_load, "only the tensor data changed: it must load"
     if model is not None:
         _check_loaded(model, tower["shapes"])
@@ -429,7 +431,7 @@ def test_vision_config(vision_files, data):
     name = data.draw(st.sampled_from(["config.json", "preprocessor_config.json"]))
     files[name] = json_file(data.draw, tower["tree"] if name == "config.json" else tower["processor"])
     with folder_with(files) as folder:
-        model = attempt("vision config", lambda: vision.load_vision(folder), [folder])
+        model = attempt("vision config", lambda: checkpoints.load_vision(folder), [folder])
     if model is not None:
         _check_loaded(model)
 
@@ -439,7 +441,7 @@ def test_vision_config(vision_files, data):
 def test_mlmamba_weights(mlmamba_files, data):
     weights, must_load = weights_case(data.draw, mlmamba_files["raw"], mlmamba_files["state"], bin_too=False)
     with folder_with({"config.json": json.dumps(mlmamba_files["tree"]).encode(), **weights}) as folder:
-        model = attempt("mlmamba weights", lambda: MLMamba.load_pretrained(folder), [folder])
+        model = attempt("mlmamba weights", lambda: checkpoints.load_pretrained(folder), [folder])
     assert model is not None or not must_load, "only the tensor data changed: it must load"
     if model is not None:
         _check_loaded(model, {k: tuple(v.shape) for k, v in mlmamba_files["state"].items()})
@@ -450,7 +452,7 @@ def test_mlmamba_weights(mlmamba_files, data):
 def test_mlmamba_config(mlmamba_files, data):
     config = json_file(data.draw, mlmamba_files["tree"], json_values, NASTY_NUMBERS)
     with folder_with({"config.json": config, "model.safetensors": mlmamba_files["raw"]}) as folder:
-        model = attempt("mlmamba config", lambda: MLMamba.load_pretrained(folder), [folder])
+        model = attempt("mlmamba config", lambda: checkpoints.load_pretrained(folder), [folder])
     if model is not None:
         _check_loaded(model)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import checkpoints
 import data
 import generate
 from generate import CUDAGraphDecoder, GenerateConfig, TextStream
@@ -62,7 +63,7 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = randomise(MLMamba(tiny_config(load_tokenizer(tokenizer_file).vocab_size)))
     ckpt = out / "ckpt-000010"
-    model.save_pretrained(ckpt)
+    checkpoints.save_pretrained(model, ckpt)
     shutil.move(tokenizer_file, ckpt / "tokenizer.model")
     (ckpt / "train_config.json").write_text(json.dumps({"max_len": MAX_LEN}))
     os.symlink(ckpt.name, out / "latest")
@@ -94,7 +95,7 @@ def gen(ckpt, **settings):
 
 def load(run_dir):
     latest = run_dir / "latest"
-    return MLMamba.load_pretrained(latest).eval(), load_tokenizer(latest)
+    return checkpoints.load_pretrained(latest).eval(), load_tokenizer(latest)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def test_out_of_memory_gives_advice(run_dir, images, capsys, monkeypatch, error)
                                    "What?", "--dtype", "fp32"],
                           "out of memory", "fewer images/prompts at once (this batch: 2)", "--dtype bf16",
                           "shorter prompts")
-    monkeypatch.setattr(MLMamba, "load_pretrained", out_of_memory)
+    monkeypatch.setattr(checkpoints, "load_pretrained", out_of_memory)
     assert_one_line_error(capsys, ["--ckpt", str(run_dir), "--prompt", "What?", "--dtype", "fp32"],
                           "out of memory", "--dtype bf16")
 
@@ -402,7 +403,7 @@ def test_cuda_graph_replay_equals_eager_step(dtype):
 def test_cuda_graph_generate_equals_eager_generate(run_dir, images):
     """MLMamba.generate through the graph gives the eager tokens: bf16, a batch with and without an image."""
     latest = run_dir / "latest"
-    model = MLMamba.load_pretrained(latest, dtype=torch.bfloat16, device="cuda").eval()
+    model = checkpoints.load_pretrained(latest, dtype=torch.bfloat16, device="cuda").eval()
     tokenizer = load_tokenizer(latest)
     batch = generate.make_batch(model, tokenizer, [generate.read_image(images[0]), None],
                                 [generate.encode_question(tokenizer, q) for q in QUESTIONS[:2]])

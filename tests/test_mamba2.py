@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from conftest import DEVICE
 import mlmamba
-from mlmamba import Mamba2Config, Mamba2LM, load_mamba2, sample_next
+from checkpoints import load_mamba2
+from mlmamba import Mamba2Config, Mamba2LM, sample_next
 
 # Tiny models: d_model 64, 2 layers, d_state 16, chunk 16. Each case changes what may go wrong.
 # official_vocab and pad: the vocab of the mamba_ssm config.json and its pad_vocab_size_multiple; transformers' config
@@ -243,7 +244,7 @@ def test_training_on_the_kernel_path_gets_every_gradient(monkeypatch):
 def test_residual_stream_dtype(residual_in_fp32):
     model = random_lm(torch.bfloat16, residual_in_fp32=residual_in_fp32)
     seen = []
-    model.norm_f.register_forward_pre_hook(lambda module, args: seen.append(args[1].dtype))   # (hidden, residual)
+    model.norm_f.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))   # the residual stream
     logits = model(torch.randint(0, 97, (1, 5), device=DEVICE))
     assert seen == [torch.float32 if residual_in_fp32 else torch.bfloat16] and logits.dtype == torch.bfloat16
 

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import DEVICE
-from mlmamba import (IGNORE_INDEX, ConnectorConfig, Mamba2Config, MLMamba, MLMambaConfig, load_mamba2)
-from vision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, load_vision
+import checkpoints
+from checkpoints import load_mamba2, load_vision
+from mlmamba import IGNORE_INDEX, ConnectorConfig, Mamba2Config, MLMamba, MLMambaConfig
+from vision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
 
 VOCAB = 53                                            # padded to 56: generation must never produce 53..55
 S = 20                                                # 20 px images, 4 px patches: a 5 x 5 grid, 25 visual tokens
@@ -196,8 +198,8 @@ def test_save_and_load_round_trip(tmp_path):
     """Bit-exact, fused towers included; saving again replaces the checkpoint and leaves no temporary folders."""
     model = tiny_model(seed=4, scan="bidirectional", fused=True)
     batch = batch_of_three(seed=4)
-    model.save_pretrained(tmp_path / "ckpt")
-    loaded = MLMamba.load_pretrained(tmp_path / "ckpt", device=DEVICE)
+    checkpoints.save_pretrained(model, tmp_path / "ckpt")
+    loaded = checkpoints.load_pretrained(tmp_path / "ckpt", device=DEVICE)
     assert loaded.config == model.config
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert list(ours) == list(theirs)
@@ -209,17 +211,17 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         model.connector.projector[4].bias.add_(1)
     (tmp_path / "ckpt" / "stale.txt").write_text("from an earlier run")
-    model.save_pretrained(tmp_path / "ckpt")
+    checkpoints.save_pretrained(model, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    again = MLMamba.load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    again = checkpoints.load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
     assert again.connector.projector[4].bias.dtype == torch.bfloat16
     assert torch.equal(again.connector.projector[4].bias, model.connector.projector[4].bias.cpu().to(torch.bfloat16))
 
 
 def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     model = tiny_model(seed=5)
-    model.save_pretrained(tmp_path)
+    checkpoints.save_pretrained(model, tmp_path)
     weights = tmp_path / "model.safetensors"
     state = load_file(weights)
     del state["connector.msc.layers.0.mixer.A_log"]
@@ -228,7 +230,7 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
     state["lm.norm_f.weight"] = state["lm.norm_f.weight"].to(torch.int64)
     save_file(state, weights)
     with pytest.raises(ValueError) as err:
-        MLMamba.load_pretrained(tmp_path)
+        checkpoints.load_pretrained(tmp_path)
     message = str(err.value)
     assert "model.safetensors does not fit the model of" in message and "config.json" in message
     assert "missing (1): connector.msc.layers.0.mixer.A_log" in message
@@ -238,17 +240,17 @@ def test_load_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
 
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        MLMamba.load_pretrained(tmp_path)
+        checkpoints.load_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["connector"]["scan"] = "spiral"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: ConnectorConfig: scan='spiral'"):
-        MLMamba.load_pretrained(tmp_path)
+        checkpoints.load_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json: no such config file"):
-        MLMamba.load_pretrained(tmp_path)
+        checkpoints.load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
-        MLMamba.load_pretrained(tmp_path / "nowhere")
+        checkpoints.load_pretrained(tmp_path / "nowhere")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def test_from_pretrained_matches_transformers(hf_checkpoints):
     concatenated second-to-last hidden states of transformers' DINOv2 and SigLIP, normalised as their processors do."""
     c = hf_checkpoints
     connector = ConnectorConfig(scan="cross")
-    model = MLMamba.from_pretrained(c["lm"], c["siglip"], connector, dinov2_path=c["dinov2"], device=DEVICE)
+    model = checkpoints.from_pretrained(c["lm"], c["siglip"], connector, dinov2_path=c["dinov2"], device=DEVICE)
     assert model.config.lm == load_mamba2(c["lm"]).config and model.config.connector == connector
     assert [v.arch for v in model.config.vision] == ["dinov2", "siglip"]
     assert model.num_visual_tokens == 9 and model.image_size == 24
@@ -297,7 +299,7 @@ def test_from_pretrained_matches_transformers(hf_checkpoints):
         expected = model.connector(features.reshape(2, 3, 3, 48).to(DEVICE))
         torch.testing.assert_close(model.encode_images(pixels.to(DEVICE)), expected, rtol=1e-4, atol=1e-4)
 
-    single = MLMamba.from_pretrained(c["lm"], c["siglip"], ConnectorConfig(kind="mlp"))
+    single = checkpoints.from_pretrained(c["lm"], c["siglip"], ConnectorConfig(kind="mlp"))
     assert single.config.vision == load_vision(c["siglip"]).config and not hasattr(single.connector, "msc")
 
 

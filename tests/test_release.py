@@ -16,7 +16,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import timm_oracle
-from mlmamba import Connector, ConnectorConfig, MLMamba, connector_state_from_release, lm_config_from_release
+from checkpoints import connector_state_from_release, lm_config_from_release, load_release
+from mlmamba import Connector, ConnectorConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 D_MODEL, N_LAYER, VOCAB = 32, 2, 400
@@ -117,7 +118,7 @@ def release(timm, tmp_path_factory):
 
 
 def load(release, **kwargs):
-    return MLMamba.load_release(kwargs.pop("run", release["run"]), release["siglip"],
+    return load_release(kwargs.pop("run", release["run"]), release["siglip"],
                                 dinov2_path=release["dinov2"], **kwargs)
 
 
@@ -211,4 +212,4 @@ def test_pickled_objects_are_refused(release, tmp_path):
 
 def test_dinosiglip_needs_both_towers(release):
     with pytest.raises(ValueError, match="needs a DINOv2 tower"):
-        MLMamba.load_release(release["run"], release["siglip"])
+        load_release(release["run"], release["siglip"])

@@ -9,15 +9,15 @@ from ssd_kernel import ssd_naive, ssd_reference, ssd_scan, ssd_step, ssd_step_re
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
 
 
-def make_inputs(batch=2, seqlen=37, nheads=4, headdim=16, ngroups=2, dstate=16, D_hdim=False, init=True,
-                dtype=torch.float64, device="cpu", seed=None):
+def make_inputs(batch=2, seqlen=37, nheads=4, headdim=16, ngroups=2, dstate=16, init=True, dtype=torch.float64,
+                device="cpu", seed=None):
     """Fresh random inputs shaped like a Mamba-2 layer's (dt is pre-softplus, dt_bias as in the checkpoints)."""
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     inputs = dict(
         x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) - 1.0,
         A=-torch.exp(r(nheads) * 0.5), B=r(batch, seqlen, ngroups, dstate), C=r(batch, seqlen, ngroups, dstate),
-        D=r(nheads, headdim) if D_hdim else r(nheads), dt_bias=r(nheads) * 0.5,
+        D=r(nheads), dt_bias=r(nheads) * 0.5,
         initial_state=r(batch, nheads, headdim, dstate) if init else None)
     return {k: v.to(dtype=dtype, device=device) if v is not None else None for k, v in inputs.items()}
 
@@ -43,7 +43,7 @@ def grads(fn, inp, gy, gs, **kw):
 @pytest.mark.parametrize("seqlen,chunk", [(1, 8), (7, 8), (9, 8), (37, 8), (40, 5)])
 def test_reference_matches_naive(seqlen, chunk):
     """The chunked algorithm is the recurrence: forward, final state and every gradient, in float64."""
-    inp = make_inputs(seqlen=seqlen, D_hdim=seqlen % 2 == 0)
+    inp = make_inputs(seqlen=seqlen)
     gy, gs = torch.randn(2, seqlen, 4, 16, dtype=torch.float64), torch.randn(2, 4, 16, 16, dtype=torch.float64)
     y_n, f_n, g_n = grads(ssd_naive, inp, gy, gs)
     y_r, f_r, g_r = grads(ssd_reference, inp, gy, gs, chunk_size=chunk)
@@ -60,7 +60,7 @@ SHAPES = [  # (seqlen, ngroups, headdim, dstate): seqlen 1, chunk-1, chunk+1, od
 @pytest.mark.parametrize("seqlen,ngroups,headdim,dstate", SHAPES)
 def test_scan_matches_reference_fp32(seqlen, ngroups, headdim, dstate):
     """Triton forward and all gradients (x, dt, A, B, C, D, dt_bias, initial state) against the float64 reference."""
-    inp = make_inputs(seqlen=seqlen, ngroups=ngroups, headdim=headdim, dstate=dstate, D_hdim=ngroups == 1)
+    inp = make_inputs(seqlen=seqlen, ngroups=ngroups, headdim=headdim, dstate=dstate)
     gy = torch.randn(2, seqlen, 4, headdim, dtype=torch.float64)
     gs = torch.randn(2, 4, headdim, dstate, dtype=torch.float64)
     y_r, f_r, g_r = grads(ssd_reference, inp, gy, gs, chunk_size=CHUNK)
@@ -80,7 +80,7 @@ def test_scan_tiling(monkeypatch, min_programs):
     monkeypatch.setattr(ssd_kernel, "_BLOCK_M", 16)
     monkeypatch.setattr(ssd_kernel, "_MIN_PROGRAMS", min_programs)
     chunk, seqlen = 64, 64 + 37
-    inp = make_inputs(batch=1, seqlen=seqlen, nheads=6, ngroups=2, D_hdim=True)
+    inp = make_inputs(batch=1, seqlen=seqlen, nheads=6, ngroups=2)
     gy = torch.randn(1, seqlen, 6, 16, dtype=torch.float64)
     gs = torch.randn(1, 6, 16, 16, dtype=torch.float64)
     y_r, f_r, g_r = grads(ssd_reference, inp, gy, gs, chunk_size=chunk)
@@ -150,13 +150,13 @@ def test_state_carried_across_calls():
         assert rel_err(v.grad.cpu(), whole[k].cpu()) < 1e-5, k
 
 
-@pytest.mark.parametrize("ngroups,D_hdim,A_log", [(1, False, False), (2, True, True)])
-def test_step_repeated_equals_scan(ngroups, D_hdim, A_log):
+@pytest.mark.parametrize("ngroups,A_log", [(1, False), (2, True)])
+def test_step_repeated_equals_scan(ngroups, A_log):
     """ssd_step applied token by token gives the scan's outputs and final state; the kernel equals its reference.
     With A_log, the step takes A = -exp(A_log) itself, as the mixer calls it."""
     seqlen = CHUNK + 3
     inp = {k: v.float().to(DEVICE) if v is not None else None
-           for k, v in make_inputs(seqlen=seqlen, ngroups=ngroups, headdim=12, dstate=20, D_hdim=D_hdim).items()}
+           for k, v in make_inputs(seqlen=seqlen, ngroups=ngroups, headdim=12, dstate=20).items()}
     y_scan, final_scan = call(ssd_scan, inp, chunk_size=CHUNK)
     state, state_ref = inp["initial_state"].clone(), inp["initial_state"].clone()
     for t in range(seqlen):
@@ -193,6 +193,14 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="ngroups=3 must divide nheads=4"):
         bad = torch.randn(2, 5, 3, 16, device=DEVICE)
         call(ssd_naive, {**inp, "B": bad, "C": bad})
+    D_per_channel = torch.randn(4, 16, device=DEVICE)          # mamba_ssm's D_has_hdim: one D per head and channel
+    for fn in (ssd_naive, ssd_reference, ssd_scan):
+        with pytest.raises(ValueError, match=r"D has shape \(4, 16\), expected \(4,\)"):
+            call(fn, {**inp, "D": D_per_channel})
+    for step in (ssd_step, ssd_step_reference):
+        with pytest.raises(ValueError, match=r"D has shape \(4, 16\), expected \(4,\)"):
+            step(torch.zeros(2, 4, 16, 16, device=DEVICE), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0],
+                 inp["C"][:, 0], D=D_per_channel)
 
 
 def test_cpu_tensors_without_the_interpreter_run_the_references():

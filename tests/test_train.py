@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import data
 import train
 from bounded import Bounded, _processes, run_bounded
@@ -248,7 +249,7 @@ def test_a_tiny_model_overfits_a_handful_of_examples(tmp_path, capsys):
         colours = {colour for _, colour in plot.convert("RGB").getcolors(900 * 500)}
         assert {(30, 70, 200), (220, 60, 30)} <= colours                                  # the curve, the eval point
     # the checkpoint is what generate.py loads: the model and its tokenizer
-    model = MLMamba.load_pretrained(tmp_path / "out" / "latest")
+    model = checkpoints.load_pretrained(tmp_path / "out" / "latest")
     assert load_tokenizer(tmp_path / "out" / "latest").vocab_size <= model.config.lm.vocab_size
 
 
@@ -309,7 +310,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, to_group):
     step = checkpoint_step(out_dir)
     assert step is not None and 1 <= step < 100000
     assert f"stopped by SIGTERM at step {step}" in output and "--resume" in output
-    MLMamba.load_pretrained(out_dir / "latest")
+    checkpoints.load_pretrained(out_dir / "latest")
 
 
 KILL_DURING_SAVE = """
@@ -334,7 +335,7 @@ def test_kill_9_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
                           cwd=ROOT, env=subprocess_env())
     assert process.returncode == -signal.SIGKILL, process.stdout + process.stderr
     assert train.latest_checkpoint(out_dir).name == "ckpt-000002" and checkpoint_step(out_dir) == 2
-    MLMamba.load_pretrained(out_dir / "latest")                                           # loads, complete
+    checkpoints.load_pretrained(out_dir / "latest")                                           # loads, complete
     resumed = train.main(["--out_dir", str(out_dir), "--resume"])
     assert resumed["step"] == 6 and [s for s, _ in resumed["history"]["train"]] == list(range(1, 7))
     assert sorted(p.name for p in out_dir.iterdir() if "ckpt" in p.name) == ["ckpt-000006"]   # partials gone
@@ -465,7 +466,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
         tiny_run(tmp_path, "--steps", 6, "--save_every", 2, "--eval_every", 100)
     assert train.latest_checkpoint(tmp_path).name == "ckpt-000002" and checkpoint_step(tmp_path) == 2
     assert not list(tmp_path.glob("*tmp*"))                                              # nothing half-written left
-    MLMamba.load_pretrained(tmp_path / "latest")
+    checkpoints.load_pretrained(tmp_path / "latest")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

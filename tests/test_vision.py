@@ -23,8 +23,9 @@ except ImportError:                          # transformers 4: SiglipImageProces
 
 import timm_oracle
 from conftest import DEVICE
+from checkpoints import load_vision
 from vision import (IMAGENET_MEAN, IMAGENET_STD, RESIZE_STRATEGIES, FusedVisionEncoder, ImageTransform, VisionConfig,
-                    VisionEncoder, load_vision, preprocess, preprocess_batch, preprocess_batch_for, preprocess_for)
+                    VisionEncoder, preprocess, preprocess_batch, preprocess_batch_for, preprocess_for)
 
 # Tiny towers with awkward sizes: head_dim 12, 36 px inputs with 8 px patches (a 4 px remainder the patch embedding
 # cuts off), an MLP width that is no multiple of anything. DINOv2's position table covers a 5 x 5 grid (40 px) while
