@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -47,3 +48,13 @@ def check_references_run_off_gpu(module, setup, calls):
         assert report[name]["equal"], f"{module}.{name} differs from {reference} off a GPU"
         warned = report[name]["warnings"]
         assert len(warned) == 1 and all(s in warned[0] for s in (name, reference, "CPU", "TRITON_INTERPRET=1")), warned
+
+
+@pytest.fixture(scope="module")
+def timm():
+    """timm, the oracle for the released vision towers (tests/timm_oracle.py); the test skips where it is missing."""
+    import timm_oracle
+    module = timm_oracle.load_timm()
+    if module is None:
+        pytest.skip("timm is not installed")
+    return module

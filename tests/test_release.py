@@ -85,14 +85,6 @@ def released_connector(lm_config, vision_dim, seed=1):
 
 
 @pytest.fixture(scope="module")
-def timm():
-    module = timm_oracle.load_timm()
-    if module is None:
-        pytest.skip("timm is not installed")
-    return module
-
-
-@pytest.fixture(scope="module")
 def release(timm, tmp_path_factory):
     """A released run directory, its towers in timm's hub layout, and the oracles' modules."""
     root = tmp_path_factory.mktemp("release")

@@ -249,14 +249,6 @@ TIMM_SIZES = dict(embed_dim=48, depth=3, num_heads=4)       # SigLIP's mlp_ratio
 
 
 @pytest.fixture(scope="module")
-def timm():
-    module = timm_oracle.load_timm()
-    if module is None:
-        pytest.skip("timm is not installed")
-    return module
-
-
-@pytest.fixture(scope="module")
 def timm_towers(timm, tmp_path_factory):
     """kind -> a folder in timm's hub layout, written by timm.models.save_for_hf: config.json with architecture,
     model_args and pretrained_cfg, and model.safetensors; "dinov2_reg4_bin" holds that DINOv2 as pytorch_model.bin."""
