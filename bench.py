@@ -2,22 +2,29 @@
 
     python bench.py                 # every section
     python bench.py --only ssd      # one section (ssd)
+    python bench.py --only train    # training: the LM step against mamba_ssm's, the paper-scale stage-2 step
     python bench.py --quick         # smaller shapes, for a smoke test
 
 Prints one table of times and ratios and writes it as JSON (--json). Timings are medians of triton's do_bench (CUDA
-events, warm-up first); floors are bytes that must move / measured device-to-device copy bandwidth.
+events, warm-up first), or for decoding and training steps mean synchronised wall times; floors are bytes that must
+move / measured device-to-device copy bandwidth.
 Record each run in BENCHMARKS.md with the device, versions, date and this command.
 """
 import argparse
+import contextlib
+import gc
 import json
+import math
 import os
 import platform
 import sys
 import time
+import traceback
 import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
@@ -60,18 +67,65 @@ def ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups=1, dtype=torch.bf
         D=torch.randn(nheads, device=dev), dt_bias=torch.randn(nheads, device=dev) * 0.1)
 
 
+def _register_peer(peers):
+    """`mamba_ssm` as a bare package over `peers`/mamba_ssm: its submodules import from that source tree, and its
+    __init__.py, which imports the CUDA extensions, never runs."""
+    if peers and os.path.isdir(os.path.join(peers, "mamba_ssm")) and "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = [os.path.join(os.path.abspath(peers), "mamba_ssm")]
+        sys.modules["mamba_ssm"] = package
+
+
 def official_scan(peers):
     """mamba_ssm's Triton path (mamba_chunk_scan_combined), imported from its source tree without building its CUDA
     extensions: `peers` is a folder holding the `mamba_ssm` package (e.g. unpacked from its PyPI sdist)."""
-    if peers and os.path.isdir(os.path.join(peers, "mamba_ssm")) and "mamba_ssm" not in sys.modules:
-        package = types.ModuleType("mamba_ssm")       # skips mamba_ssm/__init__.py, which imports the CUDA extensions
-        package.__path__ = [os.path.join(os.path.abspath(peers), "mamba_ssm")]
-        sys.modules["mamba_ssm"] = package
+    _register_peer(peers)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         return mamba_chunk_scan_combined
     except Exception as e:                       # not there: report, don't fail
         print(f"mamba_ssm not importable ({type(e).__name__}: {e}); official kernels not measured")
+        return None
+
+
+@contextlib.contextmanager
+def _modules_replaced(replacements):
+    """sys.modules entries replaced while the body runs, the previous ones put back after: a module object stands in
+    for an absent one, None makes `import name` fail with ImportError."""
+    missing = object()
+    saved = {name: sys.modules.get(name, missing) for name in replacements}
+    sys.modules.update(replacements)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is missing:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def official_lm(peers):
+    """mamba_ssm's language model (MambaLMHeadModel, MambaConfig) from the same source tree, without its CUDA
+    extensions: with ssm_cfg {"layer": "Mamba2", "use_mem_eff_path": False} every kernel it runs is Triton (the SSD
+    scan, the gated RMSNorm, the fused add + RMSNorm of ops/triton/layer_norm.py) or PyTorch (nn.Conv1d, the linears).
+
+    models/mixer_seq_simple.py imports modules/mamba_simple.py (Mamba-1) -> ops/selective_scan_interface.py, which
+    imports the CUDA extension `selective_scan_cuda` unconditionally; only Mamba-1's selective scan calls it, so an
+    empty module stands in for it. causal_conv1d (a CUDA extension, optional there) is kept out even where it is
+    installed, so that Mamba2 convolves with nn.Conv1d as in a source install without extensions. transformers
+    (utils/generation.py, utils/hf.py) and huggingface_hub (modules/mamba2.py) are imported for real.
+    Returns (MambaLMHeadModel, MambaConfig), or None when not importable."""
+    _register_peer(peers)
+    blocked = {"selective_scan_cuda": types.ModuleType("selective_scan_cuda"), "causal_conv1d": None,
+               "causal_conv1d.cpp_functions": None, "causal_conv1d.causal_conv1d_varlen": None}
+    try:
+        with _modules_replaced(blocked):
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        return MambaLMHeadModel, MambaConfig
+    except Exception as e:                       # not there: report, don't fail
+        print(f"mamba_ssm's MambaLMHeadModel not importable ({type(e).__name__}: {e}); its LM not measured")
         return None
 
 
@@ -187,6 +241,61 @@ def bench_scan2d(args, bw):
                                 timings[f"{op} reference"][0] / timings[op][0], "speed-up (x)"))
         del x, xg, gout, ys
         torch.cuda.empty_cache()
+    return rows
+
+
+def _autocast(fn):
+    """fn under bf16 autocast, as the model runs in training."""
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def bench_mixer(args, bw):
+    """mixer_kernel.py's training kernels, forward and forward + backward, against their PyTorch references at the
+    130M layer's training shape (batch 8 x 2048, d_model 768, d_inner 1536, conv_dim 1792): bf16 activations, float32
+    weights, as under autocast; the RMSNorm reads the float32 residual stream. Floor: each input read once and each
+    output written once (backward: also dout read, the input gradients written)."""
+    from mixer_kernel import (causal_conv1d, causal_conv1d_reference, gated_rms_norm, gated_rms_norm_reference,
+                              rms_norm, rms_norm_reference)
+    batch, seqlen = (2, 512) if args.quick else (8, 2048)
+    d_model, d_inner, conv_dim = 768, 1536, 1792
+    bf16, dev = torch.bfloat16, "cuda"
+    proj = torch.randn(batch, seqlen, d_inner + conv_dim + 24, device=dev, dtype=bf16, requires_grad=True)
+    conv_w = torch.randn(conv_dim, 1, 4, device=dev, requires_grad=True)
+    conv_b = torch.randn(conv_dim, device=dev, requires_grad=True)
+    y = torch.randn(batch, seqlen, d_inner, device=dev, dtype=bf16, requires_grad=True)
+    h = torch.randn(batch, seqlen, d_model, device=dev, requires_grad=True)
+    w_inner, w_model = (torch.rand(n, device=dev, requires_grad=True) for n in (d_inner, d_model))
+    xBC, z = proj[..., d_inner:d_inner + conv_dim], proj[..., :d_inner]
+    n_conv, n_gate, n_norm = batch * seqlen * conv_dim * 2, batch * seqlen * d_inner * 2, batch * seqlen * d_model * 4
+    cases = {   # name: (ours, reference, leaves, forward bytes, backward bytes)
+        "causal_conv1d": (lambda: causal_conv1d(xBC, conv_w, conv_b),
+                          lambda: causal_conv1d_reference(xBC, conv_w, conv_b), (proj, conv_w, conv_b),
+                          2 * n_conv, 3 * n_conv),
+        "gated_rms_norm": (lambda: gated_rms_norm(y, z, w_inner, d_inner, 1e-5),
+                           lambda: gated_rms_norm_reference(y, z, w_inner, d_inner, 1e-5), (y, proj, w_inner),
+                           3 * n_gate, 5 * n_gate),
+        "rms_norm": (lambda: rms_norm(h, w_model, 1e-5), lambda: rms_norm_reference(h, w_model, 1e-5), (h, w_model),
+                     2 * n_norm, 3 * n_norm)}
+    rows = []
+    for name, (ours, ref, leaves, fwd_bytes, bwd_bytes) in cases.items():
+        ours, ref = _autocast(ours), _autocast(ref)
+        g = torch.randn_like(ref())
+        grads = [torch.autograd.grad(f(), leaves, g) for f in (ours, ref)]
+        errs = [rel_err(a, b) for a, b in zip(*grads)]
+        print(f"[mixer {name}] rel. error vs reference: out {rel_err(ours(), ref()):.1e}, grads "
+              + ", ".join(f"{e:.1e}" for e in errs))
+        timings = {"ours fwd": (bench_ms(ours), fwd_bytes), "reference fwd": (bench_ms(ref), fwd_bytes)}
+        for who, f in (("ours", ours), ("reference", ref)):
+            timings[f"{who} fwd+bwd"] = (bench_ms(lambda: torch.autograd.grad(f(), leaves, g)), fwd_bytes + bwd_bytes)
+        for case, (ms, nbytes) in timings.items():
+            floor = nbytes / bw * 1e3
+            rows.append(Row("mixer", f"{name} {case}", ms, f"floor {floor:.3f} ms ({floor / ms:.0%})"))
+        for kind in ("fwd", "fwd+bwd"):
+            rows.append(Row("mixer", f"{name} {kind}: reference / ours",
+                            timings[f"reference {kind}"][0] / timings[f"ours {kind}"][0], "speed-up (x)"))
     return rows
 
 
@@ -323,7 +432,45 @@ def bench_generate(args, bw):
     ttft = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1, decoder=decoder), 5)
     rows.append(Row("generate", "time to first token, image + 32-token prompt, ms", ttft,
                     f"{model.num_visual_tokens + 32} prompt positions"))
+    # where the first token's time goes: the vision tower, the connector, the LM's prefill into the cache
+    vision = wall_ms(lambda: model.vision(pixels), 5)
+    tokens = wall_ms(lambda: model.encode_images(pixels), 5)
+    embeds = model.embed(ids, pixels)[0]
+    cache = lm.allocate_cache(1)
+    prefill = wall_ms(lambda: lm(inputs_embeds=embeds, cache=cache), 5)
+    for part, ms in (("vision tower", vision), ("connector", tokens - vision), ("LM prefill", prefill),
+                     ("the rest (embedding, batching, first sampling)", ttft - tokens - prefill)):
+        rows.append(Row("generate", f"  of which {part}, ms", ms, ""))
     return rows
+
+
+@torch.no_grad()
+def profile_decode(args, bw):
+    """Per-kernel CUDA times of the CUDA-graph decode step at the Mamba-2 2.7B shape, batch 1 (torch.profiler over
+    replays): where the time above the memory floor goes."""
+    from generate import CUDAGraphDecoder
+    from mlmamba import Mamba2LM
+    config = lm_config(args.quick)
+    with torch.device("cuda"):
+        lm = Mamba2LM(config).to(torch.bfloat16).eval()
+    decoder = CUDAGraphDecoder(lm)
+    cache = decoder.allocate_cache(1)
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    for _ in range(10):
+        decoder.step(token, cache)
+    torch.cuda.synchronize()
+    n = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            decoder.step(token, cache)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"[profile_decode] 2.7B shape ({config.n_layer} layers), batch 1, {n} replays")
+    print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
+    ms = wall_ms(lambda: decoder.step(token, cache), 100)
+    return [Row("profile", "decode step (CUDA graph), wall ms", ms,
+                f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
 
 
 def bench_train_step(args, bw):
@@ -351,6 +498,266 @@ def bench_train_step(args, bw):
     tokens = 8 * (model.num_visual_tokens + 128)
     return [Row("train", "130M LM + SigLIP-base + cross connector, batch 8 step, ms", ms,
                 f"{tokens / ms * 1e3:,.0f} tokens/s")]
+
+
+# The LM training targets' shapes: (d_model, n_layer, batch, seqlen). --quick keeps the widths, 2 layers, short rows.
+TRAIN_LM_SHAPES = {"130M": (768, 24, 8, 2048), "2.7B": (2560, 64, 2, 2048)}
+TRAIN_LM_QUICK = {"130M": (768, 2, 2, 512), "2.7B": (2560, 2, 1, 512)}
+def train_lm_config(d_model, n_layer):
+    from mlmamba import Mamba2Config
+    return Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=50277, pad_vocab_size_multiple=16)
+
+
+def mamba_ssm_config(MambaConfig, config):
+    """mamba_ssm's MambaConfig with our Mamba2Config's sizes, the public mamba2 checkpoints' settings (RMSNorm,
+    fused add + norm, float32 residual) and its Triton path (use_mem_eff_path=False: no causal_conv1d needed)."""
+    c = config
+    ssm = dict(layer="Mamba2", use_mem_eff_path=False, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
+               headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size, bias=c.bias, conv_bias=c.conv_bias)
+    return MambaConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm, rms_norm=True,
+                       fused_add_norm=True, residual_in_fp32=c.residual_in_fp32,
+                       pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=c.tie_embeddings)
+
+
+def ours_loss(model, ids, labels):
+    """Mean cross-entropy of our Mamba2LM through linear_cross_entropy, which never holds the logits (as
+    MLMamba.forward's loss); it returns the sum, so the mean divides by the number of tokens."""
+    from mlmamba import linear_cross_entropy
+    return linear_cross_entropy(model.hidden_states(ids).flatten(0, 1), model._head, labels.flatten()) / labels.numel()
+
+
+def mamba_ssm_loss(model, ids, labels):
+    """Mean cross-entropy over mamba_ssm's logits, as its users train it."""
+    return F.cross_entropy(model(ids).logits.flatten(0, 1), labels.flatten())
+
+
+def lm_train_step(model, loss_fn, ids, labels):
+    """One LM training step without the optimizer: gradients dropped, forward and loss under bf16 autocast (float32
+    weights), backward. The step returns the loss."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, ids, labels)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def measure_train_step(step, reps):
+    """(the first call's loss, mean wall ms per call over reps, peak GiB allocated during the second call).
+
+    The first call autotunes the Triton kernels (and creates any optimizer state), so the peak is a steady step's. It
+    counts everything allocated: weights, gradients, optimizer state, activations. Wall time, synchronised: a step is
+    hundreds of kernels and do_bench's few repetitions at this length would add nothing but its cache flush."""
+    loss = float(step())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return loss, wall_ms(step, reps), peak
+
+
+def release_memory():
+    """Every unreferenced tensor freed (modules with gradient checkpointing hold reference cycles) and the allocator's
+    cache emptied: the next measurement's peak is its own."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def measure_lm(build, loss_fn, ids, labels, reps):
+    """(loss, ms, peak GiB, parameters) of one LM's training step; the model lives only inside this call."""
+    model = build()
+    n_params = sum(p.numel() for p in model.parameters())
+    try:
+        return (*measure_train_step(lm_train_step(model, loss_fn, ids, labels), reps), n_params)
+    finally:
+        del model
+        release_memory()
+
+
+def bench_train_lm(args, bw):
+    """The LM's training step (forward, cross-entropy over the vocabulary, backward; no optimizer) against mamba_ssm
+    2.3.2's MambaLMHeadModel of the same sizes (Mamba2 layers, its Triton path from source, use_mem_eff_path=False,
+    no CUDA extensions: see `official_lm`), at the 130M (768 x 24 layers, batch 8 x 2048) and 2.7B (2560 x 64
+    layers, batch 2 x 2048) shapes; random float32 weights, bf16 autocast. Ours takes its fastest loss path
+    (`ours_loss`), mamba_ssm's is cross-entropy over its logits. Each model is built and measured alone, the other
+    freed, so each peak is its own. Targets: mamba_ssm / ours >= 1.3 in time, ours <= mamba_ssm in peak memory."""
+    from mlmamba import Mamba2LM
+    official = official_lm(args.peers)
+    reps = 3 if args.quick else 10
+    rows = []
+    for name, (d_model, n_layer, batch, seqlen) in (TRAIN_LM_QUICK if args.quick else TRAIN_LM_SHAPES).items():
+        config = train_lm_config(d_model, n_layer)
+        shape = f"{name} {n_layer}L b{batch}x{seqlen}"
+        ids = torch.randint(0, config.vocab_size, (batch, seqlen), device="cuda")
+        labels = torch.randint(0, config.vocab_size, (batch, seqlen), device="cuda")
+
+        def ours():
+            with torch.device("cuda"):
+                return Mamba2LM(config)
+        results = {"ours": measure_lm(ours, ours_loss, ids, labels, reps)}
+        if official is not None:
+            MambaLMHeadModel, MambaConfig = official
+            try:
+                results["mamba_ssm"] = measure_lm(
+                    lambda: MambaLMHeadModel(mamba_ssm_config(MambaConfig, config), device="cuda"), mamba_ssm_loss,
+                    ids, labels, reps)
+            except Exception as e:                       # report, keep the other rows
+                print(f"[train {shape}] mamba_ssm's step failed ({type(e).__name__}: {e}); its rows are left out")
+            release_memory()
+        losses = ", ".join(f"{who} {r[0]:.3f}" for who, r in results.items())
+        print(f"[train {shape}] first-step loss (random weights, about ln(padded vocab) = "
+              f"{math.log(config.padded_vocab_size):.2f}): {losses}")
+        tokens = batch * seqlen
+        for who, (loss, ms, peak, n_params) in results.items():
+            rows.append(Row("train", f"LM {shape} fwd+bwd {who}, ms", ms, f"{tokens / ms * 1e3:,.0f} tokens/s"))
+            rows.append(Row("train", f"LM {shape} fwd+bwd {who}, peak GiB", peak,
+                            f"{n_params / 1e6:,.1f}M parameters"))
+        if "mamba_ssm" in results:
+            (_, our_ms, our_peak, _), (_, off_ms, off_peak, _) = results["ours"], results["mamba_ssm"]
+            rows.append(Row("train", f"LM {shape}: mamba_ssm / ours", off_ms / our_ms, "speed-up (x); target >= 1.3"))
+            rows.append(Row("train", f"LM {shape} peak: ours / mamba_ssm", our_peak / off_peak,
+                            "memory ratio; target <= 1"))
+        del ids, labels
+    return rows
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(); the first match counts
+PEAK_BF16_DENSE = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12))
+
+
+def peak_bf16_flops(device_name):
+    """The GPU's dense bf16 peak in FLOP/s, None when it is not in PEAK_BF16_DENSE."""
+    return next((flops for key, flops in PEAK_BF16_DENSE if key in device_name), None)
+
+
+def paper_config(quick):
+    """ML-Mamba stage 2 as released (checkpoints.RELEASE_VISION's "dinosiglip-vit-so-384px"): DINOv2 ViT-L/14 with 4
+    registers and SigLIP so400m/14 fused at 384 px (a 27 x 27 grid: 729 visual tokens, features of each tower's
+    second-to-last block), the default connector (MSC), Mamba-2 2.7B. --quick: the same layout, tiny widths, 2
+    layers."""
+    from mlmamba import ConnectorConfig, Mamba2Config, MLMambaConfig
+    from vision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
+    if quick:
+        dino, siglip = dict(width=128, depth=2, heads=2, mlp_dim=512), dict(width=128, depth=2, heads=2, mlp_dim=512)
+        lm = Mamba2Config(d_model=256, n_layer=2, vocab_size=50277, pad_vocab_size_multiple=16)
+    else:   # the timm architectures vit_large_patch14_reg4_dinov2 and vit_so400m_patch14_siglip_384
+        dino, siglip = dict(width=1024, depth=24, heads=16, mlp_dim=4096), dict(width=1152, depth=27, heads=16,
+                                                                                mlp_dim=4304)
+        lm = lm_config(False)
+    towers = [VisionConfig(arch="dinov2", image_size=384, patch_size=14, registers=4, pos_antialias=True,
+                           image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **dino),
+              VisionConfig(arch="siglip", image_size=384, patch_size=14, pos_antialias=True, **siglip)]
+    return MLMambaConfig(vision=towers, connector=ConnectorConfig(), lm=lm)
+
+
+def paper_step_stats(args, batch, text, reps):
+    """Build the paper-scale model as train.py's `--recipe paper --stage 2` does (float32 weights, vision frozen,
+    connector + LM trained, gradient checkpointing, its fused AdamW with decay groups) and measure its optimizer step:
+    bf16 autocast forward with the loss, backward, gradient clipping, AdamW, zero_grad. Random weights, random
+    images and text, every text token supervised. Returns (loss, ms, peak GiB, trained, frozen, visual tokens)."""
+    from mlmamba import MLMamba
+    from train import RECIPES, STAGES, make_optimizer
+    recipe = types.SimpleNamespace(**{**RECIPES["paper"]["common"], **RECIPES["paper"]["2"]})
+    with torch.device("cuda"):
+        model = MLMamba(paper_config(args.quick))
+    for name in ("vision", "connector", "lm"):
+        getattr(model, name).requires_grad_(name in STAGES["2"])
+    model.set_gradient_checkpointing(recipe.grad_checkpointing)
+    model.train()
+    optimizer = make_optimizer(model, recipe, torch.device("cuda"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained, frozen = sum(p.numel() for p in params), sum(p.numel() for p in model.vision.parameters())
+    ids = torch.randint(0, model.config.lm.vocab_size, (batch, text), device="cuda")
+    pixels = torch.rand(batch, 3, model.image_size, model.image_size, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, pixel_values=pixels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return (*measure_train_step(step, reps), trained, frozen, model.num_visual_tokens)
+
+
+def bench_train_paper(args, bw):
+    """ML-Mamba's paper-scale stage-2 step (see `paper_config`, `paper_step_stats`) at batch 16 x (729 + 256)
+    tokens: time per step, tokens/s, TFLOP/s counted as 8 x trained parameters x tokens (forward 2, backward 4, the
+    checkpointed forward again 2) + 2 x frozen parameters x visual tokens (every vision parameter, though the last
+    block of each tower, past the feature layer, does not run), its fraction of the GPU's dense bf16 peak, and the
+    peak memory (target <= 70 GiB at batch 16)."""
+    batch, text = (2, 32) if args.quick else (16, 256)
+    try:
+        stats = paper_step_stats(args, batch, text, 2 if args.quick else 5)
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"[train paper] out of memory at batch {batch}: {str(e).splitlines()[0]}")
+        stats = None
+    release_memory()                                    # the model and its optimizer, reference cycles included
+    if stats is None:
+        return [Row("train", f"paper stage 2 b{batch}: out of memory", float("nan"), "target <= 70 GiB")]
+    loss, ms, peak, trained, frozen, V = stats
+    shape = f"paper stage 2 b{batch}x({V}+{text})"
+    print(f"[train paper] first-step loss {loss:.3f}; trained (connector + LM) {trained / 1e9:.3f}B parameters, "
+          f"frozen (vision) {frozen / 1e9:.3f}B")
+    tokens = batch * (V + text)
+    tflops = (8 * trained * tokens + 2 * frozen * batch * V) / (ms * 1e-3) / 1e12
+    device = torch.cuda.get_device_name()
+    peak_flops = peak_bf16_flops(device)
+    fraction = float("nan") if peak_flops is None else tflops * 1e12 / peak_flops
+    return [Row("train", f"{shape} step, ms", ms, f"{tokens / ms * 1e3:,.0f} tokens/s"),
+            Row("train", f"{shape} tokens/s", tokens / ms * 1e3, f"{tokens} tokens per step"),
+            Row("train", f"{shape} TFLOP/s", tflops, f"8 x {trained / 1e9:.2f}B x {tokens} tokens + 2 x "
+                                                        f"{frozen / 1e9:.2f}B x {batch * V} visual tokens"),
+            Row("train", f"{shape} fraction of bf16 dense peak", fraction,
+                "unknown: device not in PEAK_BF16_DENSE" if peak_flops is None
+                else f"{fraction:.1%} of {device}'s {peak_flops / 1e12:.0f} TFLOP/s"),
+            Row("train", f"{shape} peak GiB", peak, "target <= 70 GiB at batch 16")]
+
+
+def bench_train(args, bw):
+    """The train section: the LM step against mamba_ssm, the paper-scale stage-2 step, the small full-model step;
+    each alone in memory. A part that fails is reported (traceback, and a row saying so) and the others still run."""
+    rows = []
+    for part in (bench_train_lm, bench_train_paper, bench_train_step):
+        try:
+            rows += part(args, bw)
+        except Exception as e:
+            traceback.print_exc()
+            rows.append(Row("train", f"{part.__name__} failed", float("nan"), f"{type(e).__name__}: {e}"[:200]))
+        release_memory()
+    return rows
+
+
+def profile_train(args, bw):
+    """Per-kernel CUDA times of our LM's training step (forward, loss, backward) at the 130M shape (torch.profiler):
+    where the time of the train section's LM row goes; the GPU's busy time against the wall time shows launch gaps."""
+    from mlmamba import Mamba2LM
+    d_model, n_layer, batch, seqlen = (TRAIN_LM_QUICK if args.quick else TRAIN_LM_SHAPES)["130M"]
+    config = train_lm_config(d_model, n_layer)
+    with torch.device("cuda"):
+        model = Mamba2LM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seqlen), device="cuda")
+    labels = torch.randint(0, config.vocab_size, (batch, seqlen), device="cuda")
+    step = lm_train_step(model, ours_loss, ids, labels)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    n = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    shape = f"130M {n_layer}L b{batch}x{seqlen}"
+    print(f"[profile_train] ours, LM {shape}; {n} steps")
+    print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
+    ms = wall_ms(step, 5)
+    return [Row("profile", f"LM {shape} ours fwd+bwd, wall ms", ms,
+                f"GPU busy {busy:.1f} ms per step ({busy / ms:.0%})")]
 
 
 def profile_ssd(args, bw):
@@ -386,13 +793,16 @@ def profile_ssd(args, bw):
     return rows
 
 
-SECTIONS = {"ssd": bench_ssd, "scan2d": bench_scan2d, "lm": bench_lm, "vision": bench_vision,
-            "generate": bench_generate, "train": bench_train_step, "profile_ssd": profile_ssd}
+SECTIONS = {"ssd": bench_ssd, "mixer": bench_mixer, "scan2d": bench_scan2d, "lm": bench_lm, "vision": bench_vision,
+            "generate": bench_generate, "train": bench_train, "train_lm": bench_train_lm,
+            "train_paper": bench_train_paper, "train_step": bench_train_step, "profile_ssd": profile_ssd,
+            "profile_train": profile_train, "profile_decode": profile_decode}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ssd,scan2d,vision,lm,generate,train", help="comma-separated sections: " + ", ".join(SECTIONS))
+    ap.add_argument("--only", default="ssd,mixer,scan2d,vision,lm,generate,train",
+                    help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small shapes: a smoke test, not a measurement")
     ap.add_argument("--json", default="bench.json", help="where to write the rows")
     ap.add_argument("--peers", default=".peers", help="folder with peers' source trees (mamba_ssm/) to measure against")

@@ -8,7 +8,7 @@ those, and writes and reads ours.
 1. Mixer          `Mamba2Mixer`, the Mamba-2 block of SSD paper §7 (Figure 6): in_proj, causal conv, Δ, SSD scan,
                   gated RMSNorm, out_proj; its sizes in `Mamba2Config`
 2. Language model `Mamba2Block` (h = h + Mixer(RMSNorm(h))) and `Mamba2LM`: embedding, blocks, final norm, LM head;
-                  recurrent cache, step, generate
+                  recurrent cache, step, generate; `linear_cross_entropy`, the loss without the whole logits
 3. Connector      `Connector`: ML-Mamba's Mamba-2 Scan Connector (`Mamba2ScanMixer` in K scan orders, SwiGLU, MLP)
 4. ML-Mamba       `MLMamba`: vision + connector + LM; training forward, batched generation
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
-                          rms_norm_reference)
+from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_step, gated_rms_norm, gated_rms_norm_reference,
+                          rms_norm, rms_norm_reference)
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import RESIZE_STRATEGIES, Block, FusedVisionEncoder, VisionConfig, VisionEncoder
@@ -134,8 +134,11 @@ class Mamba2Mixer(nn.Module):
             return self.step(u[:, 0], conv_state, ssm_h)[:, None]
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        # xBC (batch, seqlen, conv_dim)
-        xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
+        # xBC (batch, seqlen, conv_dim); the kernel starts from zeros, a prefill into a cache from its conv_state
+        if _use_kernels(u) and conv_state is None:
+            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
+        else:
+            xBC = causal_conv1d_reference(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
         x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # x (batch, seqlen, nheads, headdim); B, C (batch, seqlen, ngroups, dstate)
         x = rearrange(x, "b l (h p) -> b l h p", p=c.headdim)
@@ -168,7 +171,7 @@ class Mamba2Mixer(nn.Module):
             # (batch, conv_dim)
             xBC = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
         else:
-            xBC = causal_conv1d(xBC[:, None], self.conv1d.weight, self.conv1d.bias, conv_state)[:, 0]
+            xBC = causal_conv1d_reference(xBC[:, None], self.conv1d.weight, self.conv1d.bias, conv_state)[:, 0]
         x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # x (batch, nheads, headdim); B, C (batch, ngroups, dstate)
         x = rearrange(x, "b (h p) -> b h p", p=c.headdim)
@@ -192,7 +195,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        norm = gated_rms_norm if _inference_kernels(y) else gated_rms_norm_reference
+        norm = gated_rms_norm if _use_kernels(y) else gated_rms_norm_reference
         return norm(y, z, self.weight, self.group_size, self.eps)
 
 
@@ -214,7 +217,8 @@ def _use_kernels(t):
 
 
 def _inference_kernels(t):
-    """The forward-only kernels of mixer_kernel.py: on a GPU when autograd is off (generation, evaluation)."""
+    """The decoding step's forward-only kernels (conv_step, ssd_step, the fused add + norm): on a GPU when autograd is
+    off (generation, evaluation)."""
     return _use_kernels(t) and not torch.is_grad_enabled()
 
 
@@ -231,7 +235,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        norm = rms_norm if _inference_kernels(x) else rms_norm_reference
+        norm = rms_norm if _use_kernels(x) else rms_norm_reference
         return norm(x, self.weight, self.eps)
 
 
@@ -318,6 +322,11 @@ class Mamba2LM(nn.Module):
 
         With a cache the tokens continue the sequence it holds (an empty one from `allocate_cache` for a prefill), and
         it is updated in place to hold them too."""
+        return F.linear(self.hidden_states(input_ids, inputs_embeds, cache), self._head)
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None):
+        """`forward` up to the LM head: (batch, seqlen, d_model) after the final norm. The training loss multiplies
+        them by the head chunk by chunk (`linear_cross_entropy`) instead of holding all the logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Mamba2LM.forward: pass exactly one of input_ids and inputs_embeds")
         # h, the residual stream: (batch, seqlen, d_model)
@@ -330,7 +339,7 @@ class Mamba2LM(nn.Module):
         for i, layer in enumerate(self.layers):
             states = (cache.conv_state[i], cache.ssm_state[i]) if cache is not None else ()
             h = layer(h, *states)
-        return F.linear(self.norm_f(h), self._head)
+        return self.norm_f(h)
 
     def allocate_cache(self, batch):
         """An empty cache (zeros: the state before any token) on the model's device."""
@@ -408,6 +417,78 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         outside = probs.cumsum(-1) - probs >= top_p                               # mass before this token already ≥ p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+LOGITS_PER_CHUNK = 2 ** 26          # linear_cross_entropy's default chunk: 64M logits, 128 MB in bfloat16
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk_size=None):
+    """Σ_i CE(W h_i, y_i): the summed cross-entropy of the logits F.linear(hidden, weight) against targets, a float32
+    scalar (float64 for float64 inputs), without ever holding all the logits.
+
+    hidden (N, d_model), the supervised rows only; weight (vocab, d_model), the LM head; targets (N,) int64 token ids
+    in 0..vocab-1 (no IGNORE_INDEX: leave those rows out). Equal, values and gradients, to
+    F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum") (all float64 for float64 inputs),
+    autocast included: the logits are computed in autocast's dtype when it is on, as F.linear's would be, and their
+    log-sum-exp in float32.
+
+    Why: at batch 8 x 2048 tokens and a 50k vocabulary the logits take 1.6 GB in bfloat16 and 3.3 GB more in float32,
+    and their gradients as much again. Here only chunk_size rows of them exist at a time (by default LOGITS_PER_CHUNK
+    logits): for each chunk the forward pass computes the logits z = W h, the loss logsumexp(z) - z_y and right away
+    its gradient, d z = softmax(z) - onehot(y), so d h = d z W and d W += d zᵀ h. It keeps only d h and d W, which
+    the backward pass scales by the loss's incoming gradient."""
+    if (hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]
+            or targets.shape != hidden.shape[:1] or targets.dtype != torch.long):
+        raise ValueError(f"linear_cross_entropy: expected hidden (N, d_model), weight (vocab, d_model), int64 targets "
+                         f"(N,), got {tuple(hidden.shape)}, {tuple(weight.shape)}, {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+    vocab = weight.shape[0]
+    # Checked off the GPU only: there the check would make the CPU wait for the forward pass to finish (MLMamba.forward
+    # checks its labels before the LM runs); an id out of range fails the gather there with a device-side assert.
+    if not targets.is_cuda and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"linear_cross_entropy: targets must be token ids in 0..{vocab - 1}, got values from "
+                         f"{int(targets.min())} to {int(targets.max())}; leave the unsupervised rows out")
+    device = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(hidden.dtype, weight.dtype))
+    if not torch.is_grad_enabled():     # the Function's needs_input_grad reads requires_grad only, not no_grad
+        hidden, weight = hidden.detach(), weight.detach()
+    chunk_size = max(1, LOGITS_PER_CHUNK // vocab) if chunk_size is None else chunk_size
+    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """`linear_cross_entropy`'s loss, gradients computed in the forward pass chunk by chunk; dtype: the logits'."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk_size):
+        need_dh, need_dw = ctx.needs_input_grad[:2]              # frozen head (stage 1), evaluation: less to do
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        W = weight.to(dtype)                                     # (vocab, d_model), cast once as autocast would
+        loss = hidden.new_zeros((), dtype=acc)
+        d_hidden = torch.empty_like(hidden) if need_dh else None                 # (N, d_model)
+        d_weight = torch.zeros_like(weight, dtype=acc) if need_dw else None      # (vocab, d_model)
+        for i in range(0, len(targets), chunk_size):
+            h, y = hidden[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]  # (chunk, d_model), (chunk,)
+            z = F.linear(h, W).to(acc)                                            # (chunk, vocab) logits
+            lse = z.logsumexp(-1)                                                 # (chunk,)
+            loss += (lse - z.gather(1, y[:, None])[:, 0]).sum()
+            if need_dh or need_dw:
+                dz = z.sub_(lse[:, None]).exp_()                                  # softmax, over z's memory
+                dz[torch.arange(len(y), device=y.device), y] -= 1
+                dz = dz.to(dtype)                  # F.linear's backward gets d z in the logits' dtype, as in autograd
+                if need_dh:
+                    d_hidden[i:i + chunk_size] = dz @ W
+                if need_dw:
+                    d_weight += dz.T @ h
+        ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, d_loss):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (None if d_hidden is None else d_loss * d_hidden,
+                None if d_weight is None else d_loss * d_weight, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,11 +576,12 @@ class Mamba2ScanMixer(nn.Module):
         """u (batch, H, W, d_model) -> (batch, H, W, d_model)."""
         c, K = self.config, len(self.orders)
         _, H, W, _ = u.shape
-        scan, merge, ssd = ((cross_scan, cross_merge, ssd_scan) if _use_kernels(u)
-                            else (cross_scan_reference, cross_merge_reference, ssd_reference))
+        scan, merge, conv, ssd = ((cross_scan, cross_merge, causal_conv1d, ssd_scan) if _use_kernels(u)
+                                  else (cross_scan_reference, cross_merge_reference, causal_conv1d_reference,
+                                        ssd_reference))
         zxBCdt = scan(self.in_proj(u), self.orders)                # (K, batch, H*W, d_in_proj)
         z, xBC, dt = torch.split(zxBCdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        xBC = causal_conv1d(rearrange(xBC, "k b l c -> b l (k c)"), self.conv1d.weight, self.conv1d.bias)
+        xBC = conv(rearrange(xBC, "k b l c -> b l (k c)"), self.conv1d.weight, self.conv1d.bias)
         x, B, C = torch.split(rearrange(xBC, "b l (k c) -> b l k c", k=K),
                               [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # One SSD call for the K directions: direction k's heads are heads k·nheads … (k+1)·nheads - 1 of the call,
@@ -714,7 +796,8 @@ def build_vision(config):
 
 @dataclass
 class MLMambaOutput:
-    logits: torch.Tensor                    # (batch, T, padded_vocab); T: see MLMamba.embed
+    logits: torch.Tensor | None             # (batch, T, padded_vocab), T: see MLMamba.embed; None with labels,
+                                            # whose loss never holds them all (linear_cross_entropy)
     loss: torch.Tensor | None = None        # mean cross-entropy over the supervised tokens (0 when there are none)
     loss_sum: torch.Tensor | None = None    # their summed cross-entropy, float32
     n_tokens: torch.Tensor | None = None    # how many tokens are supervised, a long scalar on the model's device
@@ -817,27 +900,35 @@ class MLMamba(nn.Module):
     # -- training --------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, labels=None, pixel_values=None, has_image=None, lengths=None):
-        """Logits, and with labels the next-token cross-entropy over the supervised tokens.
+        """Logits; with labels instead the next-token cross-entropy over the supervised tokens, and no logits.
 
         input_ids, labels (batch, seqlen), right-padded, labels aligned with input_ids (IGNORE_INDEX where there is
         nothing to learn; positions past lengths are ignored whatever they hold): the model shifts them, so the output
         at each token is scored on the label of the next. See `embed` for pixel_values, has_image, lengths and T."""
-        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths)
-        logits = self.lm(inputs_embeds=embeds)                          # (batch, T, padded_vocab)
-        if labels is None:
-            return MLMambaOutput(logits)
-        if labels.shape != input_ids.shape:
+        if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"MLMamba: labels {tuple(labels.shape)} must have input_ids' shape "
                              f"{tuple(input_ids.shape)}")
-        (batch, seqlen), T = input_ids.shape, logits.shape[1]
+        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths)
+        if labels is None:
+            return MLMambaOutput(self.lm(inputs_embeds=embeds))         # (batch, T, padded_vocab)
+        (batch, seqlen), T = input_ids.shape, embeds.shape[1]
         positions = torch.arange(seqlen, device=labels.device)
         targets = labels.new_full((batch, T), IGNORE_INDEX)                          # labels on the T positions
         targets[torch.arange(batch, device=labels.device)[:, None], text_start[:, None] + positions] = (
             labels.masked_fill(positions >= lengths[:, None], IGNORE_INDEX))
-        supervised = targets[:, 1:] != IGNORE_INDEX                                 # output t predicts token t + 1
-        loss_sum = F.cross_entropy(logits[:, :-1][supervised].float(), targets[:, 1:][supervised], reduction="sum")
-        n_tokens = supervised.sum()
-        return MLMambaOutput(logits, loss_sum / n_tokens.clamp(min=1), loss_sum, n_tokens)
+        # Output t predicts token t + 1. The supervised rows are found, and their labels checked, before the LM runs:
+        # the one wait for the GPU then comes while it has little queued, and the CPU runs ahead through the rest.
+        targets = targets[:, 1:].flatten()
+        rows = (targets != IGNORE_INDEX).nonzero()[:, 0]                            # (n_tokens,)
+        targets = targets[rows]
+        vocab = self.lm._head.shape[0]
+        if len(rows) and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:
+            raise ValueError(f"MLMamba: labels must be token ids in 0..{vocab - 1} or IGNORE_INDEX "
+                             f"({IGNORE_INDEX}), got values from {int(targets.min())} to {int(targets.max())}")
+        h = self.lm.hidden_states(inputs_embeds=embeds)[:, :-1]                      # (batch, T - 1, d_model)
+        loss_sum = linear_cross_entropy(h.flatten(0, 1)[rows], self.lm._head, targets)
+        n_tokens = torch.tensor(len(rows), device=labels.device)
+        return MLMambaOutput(None, loss_sum / max(len(rows), 1), loss_sum, n_tokens)
 
     def set_gradient_checkpointing(self, enabled=True):
         """Checkpoint each LM block and each vision block (torch.utils.checkpoint, non-reentrant): their activations

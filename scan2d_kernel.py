@@ -33,7 +33,7 @@ import triton.language as tl
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-from ssd_kernel import reference_off_gpu
+from ssd_kernel import cdiv, next_pow2, reference_off_gpu
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Scan orders: each a function (H, W) -> π, a LongTensor of length H·W; π[l] is the cell that position l reads.
@@ -264,8 +264,8 @@ def _cross_merge_kernel(
 
 def _tiles(L, C):
     """Tiles of up to 4096 elements: whole rows of up to 256 channels (8 KB of bfloat16), as many cells as fit."""
-    block_c = min(256, triton.next_power_of_2(C))
-    return dict(BLOCK_G=min(triton.next_power_of_2(L), 4096 // block_c), BLOCK_C=block_c)
+    block_c = min(256, next_pow2(C))
+    return dict(BLOCK_G=min(next_pow2(L), 4096 // block_c), BLOCK_C=block_c)
 
 
 def _channels_contiguous(t):
@@ -278,7 +278,7 @@ def _scan(x, pos, scale):
     (K, L), (batch, _, C) = pos.shape, x.shape
     ys = torch.empty(K, batch, L, C, device=x.device, dtype=x.dtype)
     tiles = _tiles(L, C)
-    grid = (triton.cdiv(L, tiles["BLOCK_G"]) * triton.cdiv(C, tiles["BLOCK_C"]), batch)
+    grid = (cdiv(L, tiles["BLOCK_G"]) * cdiv(C, tiles["BLOCK_C"]), batch)
     _cross_scan_kernel[grid](x, pos, ys, L, C, scale, x.stride(0), x.stride(1), *ys.stride()[:3], K=K, **tiles)
     return ys
 
@@ -289,7 +289,7 @@ def _merge(ys, pos, scale):
     (K, L), (_, batch, _, C) = pos.shape, ys.shape
     out = torch.empty(batch, L, C, device=ys.device, dtype=ys.dtype)
     tiles = _tiles(L, C)
-    grid = (triton.cdiv(L, tiles["BLOCK_G"]) * triton.cdiv(C, tiles["BLOCK_C"]), batch)
+    grid = (cdiv(L, tiles["BLOCK_G"]) * cdiv(C, tiles["BLOCK_C"]), batch)
     _cross_merge_kernel[grid](ys, pos, out, L, C, scale, *ys.stride()[:3], *out.stride()[:2], K=K, **tiles)
     return out
 

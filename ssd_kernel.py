@@ -46,6 +46,17 @@ from einops import rearrange, repeat
 _REFERENCE_RAN = set()                 # the entry points that have warned that their reference ran
 
 
+def cdiv(a, b):
+    """⌈a / b⌉, for launch sizes in host code: triton.cdiv is a constexpr function there, about 3 µs a call from
+    Python (Triton 3.9), and a training step makes hundreds of such calls."""
+    return -(-a // b)
+
+
+def next_pow2(n):
+    """The smallest power of two ≥ n (n ≥ 1), for host code, as triton.next_power_of_2 without its call cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def reference_off_gpu(reference):
     """Decorator for a kernel's public entry point: on tensors that are not on a GPU, with TRITON_INTERPRET unset,
     Triton has no device to launch on, so `reference` (the PyTorch function beside the kernel, same arguments, same
@@ -701,13 +712,13 @@ def _dot_precision(dtype):
 
 
 def _pow2(n):
-    return max(16, triton.next_power_of_2(n))                                   # tl.dot needs every side ≥ 16
+    return max(16, next_pow2(n))                                   # tl.dot needs every side ≥ 16
 
 
 def _chunk_cb(C, B, chunk):
     """(batch, nchunks, ngroups, chunk, chunk) float32 C_t·B_s per chunk; see _chunk_cb_kernel."""
     batch, seqlen, ngroups, N = B.shape
-    nchunks = triton.cdiv(seqlen, chunk)
+    nchunks = cdiv(seqlen, chunk)
     cb = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=B.device, dtype=torch.float32)
     block_m = min(_BLOCK_M, chunk)
     grid = ((chunk // block_m) ** 2, batch * nchunks, ngroups)
@@ -724,7 +735,7 @@ def _chunk_state(u, v, delta, a_cumsum, to_end):
     nchunks, chunk = delta.shape[2], delta.shape[3]
     out = torch.empty(batch, nchunks, nheads, P, N, device=u.device, dtype=torch.float32)
     block_p, block_n = min(64, _pow2(P)), min(64, _pow2(N))
-    grid = (triton.cdiv(P, block_p) * triton.cdiv(N, block_n), batch * nchunks, nheads)
+    grid = (cdiv(P, block_p) * cdiv(N, block_n), batch * nchunks, nheads)
     _chunk_state_kernel[grid](
         u, v, delta, a_cumsum, out, seqlen, nheads // v.shape[2], P, N,
         *u.stride(), *v.stride(), *delta.stride()[:3], *out.stride()[:4],
@@ -745,8 +756,8 @@ def _state_passing(states, a_cumsum, initial_state, prev_states=None):
     a_cumsum_end = a_cumsum[..., -1]                                   # (batch, nheads, nchunks)
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    BLOCK = min(512, triton.next_power_of_2(P * N))
-    blocks = triton.cdiv(P * N, BLOCK)
+    BLOCK = min(512, next_pow2(P * N))
+    blocks = cdiv(P * N, BLOCK)
     da_carried = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
     _state_passing_kernel[(blocks, batch, nheads)](
         states, a_cumsum_end, initial_state if initial_state is not None else final_state, final_state,
@@ -779,7 +790,7 @@ class _SSDScan(torch.autograd.Function):
         prev_states = chunk_states                                                # the buffer now holds h_{c-1}
         y = torch.empty_like(x)
         block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
-        grid = (triton.cdiv(chunk, block_m) * triton.cdiv(P, block_p), batch * nchunks, nheads)
+        grid = (cdiv(chunk, block_m) * cdiv(P, block_p), batch * nchunks, nheads)
         _chunk_scan_fwd_kernel[grid](                                              # steps 1 + 4
             x, delta, a_cumsum, C, cb, prev_states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
             *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *prev_states.stride()[:4], *y.stride(),
@@ -807,7 +818,7 @@ class _SSDScan(torch.autograd.Function):
         dchunk_states = dprev_states                                               # in place, as in the forward
 
         block_m = min(_BLOCK_M, chunk)
-        m_blocks = triton.cdiv(chunk, block_m)
+        m_blocks = cdiv(chunk, block_m)
         dims = dict(DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=_pow2(P), BLOCK_N=_pow2(N))
         strides = (*x.stride(), *dy.stride(), *B.stride())
         dx = torch.empty_like(dy)                                                  # dx and dy share strides
@@ -819,9 +830,9 @@ class _SSDScan(torch.autograd.Function):
             da_pairs, seqlen, heads_per_group, P, N, *strides, *cb.stride()[:3], *delta.stride()[:3],
             *dchunk_states.stride()[:4], *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, **dims)
 
-        slices = min(heads_per_group, triton.cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
-        heads_per_program = triton.cdiv(heads_per_group, slices)
-        slices = triton.cdiv(heads_per_group, heads_per_program)
+        slices = min(heads_per_group, cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
+        heads_per_program = cdiv(heads_per_group, slices)
+        slices = cdiv(heads_per_group, heads_per_program)
         grid = (m_blocks, batch * nchunks, ngroups * slices)
         dB = torch.empty(batch, seqlen, slices, ngroups, N, device=x.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
@@ -975,9 +986,9 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_l
     if x.stride(-1) != 1 or dt.stride(-1) != 1 or B.stride() != C.stride() or B.stride(-1) != 1:
         x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
     y = torch.empty_like(x)
-    BLOCK_N = max(16, triton.next_power_of_2(N))
-    BLOCK_P = max(1, min(triton.next_power_of_2(P), 4096 // BLOCK_N))
-    grid = (batch * nheads, triton.cdiv(P, BLOCK_P))
+    BLOCK_N = max(16, next_pow2(N))
+    BLOCK_P = max(1, min(next_pow2(P), 4096 // BLOCK_N))
+    grid = (batch * nheads, cdiv(P, BLOCK_P))
     D_ = D.contiguous() if D is not None else x
     _ssd_step_kernel[grid](
         state, x, dt, A if A is not None else A_log, B, C, D_, dt_bias if dt_bias is not None else x, y,

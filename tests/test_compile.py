@@ -171,6 +171,26 @@ def mixer_decode_bf16():
               torch.randn(5376, dtype=bf16))
 
 
+@scenario()
+def mixer_train_bf16():
+    """The mixer's training kernels, forward and backward, at Mamba-2 2.7B's sizes under bf16 autocast (float32
+    weights): the block's RMSNorm of the float32 residual stream, the gated RMSNorm of y and the z slice of in_proj's
+    output, the causal conv on its xBC slice."""
+    from mixer_kernel import causal_conv1d, gated_rms_norm, rms_norm
+    bf16 = torch.bfloat16
+    zxbcdt = torch.randn(2, 64, 2 * 5120 + 2 * 128 + 80, dtype=bf16, requires_grad=True)
+    leaves = lambda *shapes: [torch.randn(*s, requires_grad=True) for s in shapes]
+    hidden, weight = leaves((2, 64, 2560), (2560,))
+    out = rms_norm(hidden, weight, 1e-5)
+    torch.autograd.grad(out, (hidden, weight), torch.randn_like(out))
+    y, gate_weight = torch.randn(2, 64, 5120, dtype=bf16, requires_grad=True), *leaves((5120,))
+    out = gated_rms_norm(y, zxbcdt[..., :5120], gate_weight, 5120, 1e-5)
+    torch.autograd.grad(out, (y, zxbcdt, gate_weight), torch.randn_like(out))
+    conv_weight, conv_bias = leaves((5376, 1, 4), (5376,))
+    out = causal_conv1d(zxbcdt[..., 5120:10496], conv_weight, conv_bias)
+    torch.autograd.grad(out, (zxbcdt, conv_weight, conv_bias), torch.randn_like(out))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Phase 1: record the launches, in this process
 

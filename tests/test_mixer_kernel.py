@@ -1,11 +1,12 @@
-"""mixer_kernel.py: each Triton kernel against its PyTorch reference (float64 where the reference allows), on fresh
-random inputs whose sizes do not divide the kernels' blocks; the conv step against the parallel convolution."""
+"""mixer_kernel.py: each Triton kernel against its PyTorch reference (float64 where the reference allows), values and
+gradients, on fresh random inputs whose sizes do not divide the kernels' blocks; the conv step against the parallel
+convolution."""
 import pytest
 import torch
 
 from conftest import DEVICE, check_references_run_off_gpu
-from mixer_kernel import (causal_conv1d, conv_step, gated_rms_norm, gated_rms_norm_reference, rms_norm,
-                          rms_norm_reference)
+from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_step, gated_rms_norm, gated_rms_norm_reference,
+                          rms_norm, rms_norm_reference)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -86,7 +87,7 @@ def test_conv_steps_equal_the_parallel_convolution(d_conv, bias, dtype):
     xBC = proj[..., 8:]                                                 # a slice of in_proj's output, as in the mixer
     weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64)
     b = torch.randn(channels, device=DEVICE, dtype=torch.float64) if bias else None
-    exact = causal_conv1d(xBC, weight, b)                               # (batch, seqlen, channels), float64
+    exact = causal_conv1d_reference(xBC, weight, b)                     # (batch, seqlen, channels), float64
 
     state = torch.zeros(batch, channels, d_conv, device=DEVICE, dtype=dtype)
     args = [t.to(dtype) if t is not None else None for t in (xBC, weight, b)]
@@ -104,17 +105,89 @@ def test_conv_step_equals_the_reference_from_a_full_state():
     weight, b = torch.randn(50, 1, 4, device=DEVICE), torch.randn(50, device=DEVICE)
     state_ref = state.clone()
     out = conv_step(x, state, weight, b)
-    torch.testing.assert_close(out, causal_conv1d(x[:, None], weight, b, state_ref)[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, causal_conv1d_reference(x[:, None], weight, b, state_ref)[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="conv_state must be"):
         conv_step(x, state[..., :3], weight, b)
 
 
 def test_cpu_tensors_without_the_interpreter_run_the_references():
-    """The three entry points on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
+    """The four entry points on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
     setup = ("x, z, r = (torch.randn(3, 64) for _ in range(3))\n"
              "w, state, cw = torch.randn(64), torch.randn(3, 64, 4), torch.randn(64, 1, 4)")
     check_references_run_off_gpu("mixer_kernel", setup, {
         "rms_norm": ("rms_norm_reference", "x, w, 1e-5, residual=r"),
         "gated_rms_norm": ("gated_rms_norm_reference", "x, z, w, 16, 1e-5"),
+        "causal_conv1d": ("causal_conv1d_reference", "x[None], cw, w"),
         "conv_step": ("conv_step_reference", "x, state.clone(), cw, w")})
+
+
+def _grads(fn, inputs, grad_out):
+    """fn(*inputs) and its gradients w.r.t. every input that is not None, for the upstream gradient grad_out."""
+    leaves = [t for t in inputs if t is not None]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("gated,ngroups,group_size", [(False, 1, 300), (True, 1, 300), (True, 4, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_gradients(gated, ngroups, group_size, dtype):
+    """Forward and backward kernels against autograd through the float64 reference: dy, dz and dweight, with z a
+    strided slice of a wider projection, 2 x 37 rows (not a multiple of the rows each backward program takes) and an
+    all-zero group that eps keeps finite."""
+    torch.manual_seed(group_size + ngroups)
+    dim = ngroups * group_size
+    y = torch.randn(2, 37, dim, device=DEVICE, dtype=torch.float64)
+    y[0, 0, :group_size] = 0
+    proj = torch.randn(2, 37, dim + 7, device=DEVICE, dtype=torch.float64) * 2
+    w = torch.rand(dim, device=DEVICE, dtype=torch.float64) + 0.5
+    grad_out = torch.randn(2, 37, dim, device=DEVICE, dtype=torch.float64)
+    if gated:
+        kernel = lambda y, proj, w: gated_rms_norm(y, proj[..., 7:], w, group_size, 1e-5)
+        reference = lambda y, proj, w: gated_rms_norm_reference(y, proj[..., 7:], w, group_size, 1e-5)
+    else:
+        kernel, reference = (lambda y, proj, w: rms_norm(y, w, 1e-5)), (lambda y, proj, w: rms_norm_reference(y, w, 1e-5))
+    leaves = [t.requires_grad_() for t in (y, proj, w)]
+    exact, exact_grads = _grads(reference, leaves, grad_out)
+    inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    out, grads = _grads(kernel, inputs, grad_out)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    for name, got, want in zip(("dy", "dproj", "dweight"), grads, exact_grads):
+        assert got.dtype == dtype, name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=name)
+
+
+def test_rms_norm_with_residual_is_forward_only():
+    x = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="forward only"):
+        rms_norm(x, torch.ones(40, device=DEVICE), 1e-5, residual=torch.randn(2, 3, 40, device=DEVICE))
+
+
+@pytest.mark.parametrize("d_conv", [4, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_conv1d(d_conv, bias, dtype):
+    """The convolution kernels against autograd through the float64 reference: the output and the gradients of the
+    input, the weight and the bias, with the input a strided slice of a wider projection and sizes that do not divide
+    the kernels' blocks (seqlen 37 = 32 + 5 positions, 200 = 128 + 72 channels)."""
+    torch.manual_seed(d_conv + bias)
+    batch, seqlen, channels = 2, 37, 200
+    proj = torch.randn(batch, seqlen, channels + 9, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5
+    b = torch.randn(channels, device=DEVICE, dtype=torch.float64) if bias else None
+    grad_out = torch.randn(batch, seqlen, channels, device=DEVICE, dtype=torch.float64)
+    leaves = [t.requires_grad_() if t is not None else None for t in (proj, weight, b)]
+    exact, exact_grads = _grads(lambda p, w, b: causal_conv1d_reference(p[..., 9:], w, b), leaves, grad_out)
+    inputs = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in leaves]
+    out, grads = _grads(lambda p, w, b: causal_conv1d(p[..., 9:], w, b), inputs, grad_out)
+    assert out.dtype == dtype and out.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    for name, got, want in zip(("dinput", "dweight", "dbias"), grads, exact_grads):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
+    with pytest.raises(ValueError, match="weight has shape"):
+        causal_conv1d(proj[..., 9:], weight[:10], b)

@@ -1,6 +1,7 @@
 """MLMamba of mlmamba.py: the sequence layout and the loss against hand-built ones, padding, rows without images,
-save / load, from_pretrained against transformers' Mamba2 and SigLIP / DINOv2 (the independent oracle), generation
-against full forwards recomputed at every step, gradient checkpointing, and a tiny model that learns."""
+linear_cross_entropy against the cross-entropy of the whole logits, save / load, from_pretrained against
+transformers' Mamba2 and SigLIP / DINOv2 (the independent oracle), generation against full forwards recomputed at
+every step, gradient checkpointing, and a tiny model that learns."""
 import copy
 import json
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import DEVICE
 import checkpoints
 from checkpoints import load_mamba2, load_vision
-from mlmamba import IGNORE_INDEX, ConnectorConfig, Mamba2Config, MLMamba, MLMambaConfig
+from mlmamba import IGNORE_INDEX, ConnectorConfig, Mamba2Config, MLMamba, MLMambaConfig, linear_cross_entropy
 from vision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
 
 VOCAB = 53                                            # padded to 56: generation must never produce 53..55
@@ -73,6 +74,11 @@ def row(batch, i):
                 has_image=batch["has_image"][i:i + 1], lengths=None)
 
 
+def without_labels(batch):
+    """The batch for logits: with labels the model returns the loss and no logits."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def by_hand(model, batch, i):
     """Row i's LM input built with torch.cat: its visual tokens (if any) then its text embeddings, no padding."""
     r = row(batch, i)
@@ -91,7 +97,7 @@ def test_sequence_layout():
     """[visual][text][padding] per row, T = 25 + 7; each row's real positions as the LM on a hand-built sequence."""
     model = tiny_model()
     batch = batch_of_three()
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    out = model(**without_labels(batch))
     assert out.logits.shape == (3, V + 7, 56) and out.loss is None
     for i in range(3):
         embeds = by_hand(model, batch, i)
@@ -104,22 +110,29 @@ def test_sequence_layout():
 
 def test_loss_is_cross_entropy_on_the_supervised_positions():
     """Output at position p is scored on the label of position p + 1; an image row's first text label is predicted
-    by its last visual token; labels past a row's length (garbage here) do not count."""
+    by its last visual token; labels past a row's length (garbage here) do not count. The loss (and its gradients)
+    is the cross-entropy of the logits a labels-free forward returns, though with labels it never computes them."""
     model = tiny_model(seed=1)
     batch = batch_of_three(seed=1)
     out = model(**batch)
+    assert out.logits is None
+    logits = model(**without_labels(batch)).logits
     terms = []
     for i, start in enumerate((V, 0, V)):
-        logits = out.logits[i]
         for t in range(int(batch["lengths"][i])):
             label = int(batch["labels"][i, t])
             if label != IGNORE_INDEX and start + t >= 1:
-                terms.append(-F.log_softmax(logits[start + t - 1].double(), -1)[label])
+                terms.append(-F.log_softmax(logits[i, start + t - 1].double(), -1)[label])
     assert out.n_tokens.item() == len(terms) == 5 + 2 + 2              # row 0's label 0 from its last visual token
-    torch.testing.assert_close(out.loss_sum.double(), torch.stack(terms).sum(), rtol=1e-4, atol=1e-4)
+    expected = torch.stack(terms).sum()
+    torch.testing.assert_close(out.loss_sum.double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss.double(), torch.stack(terms).mean(), rtol=1e-4, atol=1e-4)
-    out.loss.backward()
-    assert model.connector.projector[4].weight.grad.abs().sum() > 0 and model.lm.embedding.weight.grad.abs().sum() > 0
+    names, params = zip(*model.named_parameters())
+    grads = lambda loss: torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    ours = dict(zip(names, grads(out.loss_sum)))
+    for name, expected_grad in zip(names, grads(expected)):
+        torch.testing.assert_close(ours[name], expected_grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert ours["connector.projector.4.weight"].abs().sum() > 0 and ours["lm.embedding.weight"].abs().sum() > 0
 
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)                 # nothing supervised: loss 0, not nan
     empty = model(**{**batch, "labels": labels})
@@ -132,17 +145,19 @@ def test_padding_changes_nothing():
     padded batch; other pad ids change nothing either."""
     model = tiny_model(seed=2)
     batch = batch_of_three(seed=2)
-    out = model(**batch)
+    out, logits = model(**batch), model(**without_labels(batch)).logits
     garbage = batch["input_ids"].clone()
     garbage[1, 5:], garbage[2, 4:] = 0, 1
     repadded = model(**{**batch, "input_ids": garbage})
+    repadded_logits = model(**without_labels({**batch, "input_ids": garbage})).logits
     loss_sum, n_tokens = 0, 0
     for i, start in enumerate((V, 0, V)):
         alone = model(**row(batch, i))
+        alone_logits = model(**without_labels(row(batch, i))).logits
         n = start + int(batch["lengths"][i])
-        assert alone.logits.shape[1] == n
-        torch.testing.assert_close(out.logits[i, :n], alone.logits[0], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(repadded.logits[i, :n], alone.logits[0], rtol=1e-4, atol=1e-4)
+        assert alone_logits.shape[1] == n
+        torch.testing.assert_close(logits[i, :n], alone_logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(repadded_logits[i, :n], alone_logits[0], rtol=1e-4, atol=1e-4)
         loss_sum, n_tokens = loss_sum + alone.loss_sum, n_tokens + alone.n_tokens
     torch.testing.assert_close(out.loss_sum, loss_sum, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(repadded.loss_sum, loss_sum, rtol=1e-4, atol=1e-4)
@@ -178,6 +193,75 @@ def test_bad_input_gets_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The loss without the logits: linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 100, None])      # 13 rows: 4 leaves a remainder; None: one chunk
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits_in_float64(chunk_size):
+    """Values and gradients against autograd through the whole logits, for an incoming gradient other than 1; with a
+    frozen head (training stage 1) and under no_grad (evaluation) too."""
+    g = torch.Generator().manual_seed(chunk_size or 0)
+    h = torch.randn(13, 8, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    W = (3 * torch.randn(11, 8, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 11, (13,), generator=g).to(DEVICE)
+    d_loss = torch.tensor(0.37, dtype=torch.float64, device=DEVICE)
+    expected = F.cross_entropy(F.linear(h, W), t, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, (h, W), d_loss)
+    loss = linear_cross_entropy(h, W, t, chunk_size)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected)
+    for ours, theirs in zip(torch.autograd.grad(loss, (h, W), d_loss), expected_grads):
+        torch.testing.assert_close(ours, theirs)
+    frozen = linear_cross_entropy(h, W.detach(), t, chunk_size)
+    torch.testing.assert_close(torch.autograd.grad(frozen, h, d_loss)[0], expected_grads[0])
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, W, t, chunk_size), expected)
+
+
+def test_linear_cross_entropy_under_bfloat16_autocast():
+    """As train.py runs it: float32 hidden states and head under bfloat16 autocast give the loss of bfloat16 logits
+    (as F.linear's), in float32, with float32 gradients, within bfloat16's precision of the float32 reference.
+    bfloat16 inputs without autocast get bfloat16 gradients."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g).to(DEVICE).requires_grad_()
+    W = torch.randn(50, 16, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 50, (37,), generator=g).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, t, chunk_size=8)
+        as_before = F.cross_entropy(F.linear(h, W).float(), t, reduction="sum")      # MLMamba's loss until now
+    expected = F.cross_entropy(F.linear(h, W), t, reduction="sum")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, as_before, rtol=1e-6, atol=1e-4)                # the same bfloat16 logits
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+    for ours, theirs in zip(torch.autograd.grad(loss, (h, W)), torch.autograd.grad(expected, (h, W))):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2 * theirs.abs().max().item())
+    hb, Wb = h.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
+    loss = linear_cross_entropy(hb, Wb, t, chunk_size=8)
+    assert loss.dtype == torch.float32
+    assert [g.dtype for g in torch.autograd.grad(loss, (hb, Wb))] == [torch.bfloat16] * 2
+
+
+def test_linear_cross_entropy_rejects_what_it_cannot_score():
+    h, W, t = torch.randn(4, 8), torch.randn(11, 8), torch.tensor([0, 3, 10, 2])
+    with pytest.raises(ValueError, match="targets must be token ids in 0..10, got values from -100 to 10"):
+        linear_cross_entropy(h, W, torch.tensor([0, IGNORE_INDEX, 10, 2]))
+    with pytest.raises(ValueError, match="targets must be token ids in 0..10, got values from 1 to 11"):
+        linear_cross_entropy(h, W, t + 1)
+    for bad in ((h[:3], W, t), (h, W[:, :7], t), (h[None], W, t), (h, W, t.int())):
+        with pytest.raises(ValueError, match=r"expected hidden \(N, d_model\), weight \(vocab, d_model\), int64"):
+            linear_cross_entropy(*bad)
+
+
+def test_labels_out_of_the_vocabulary_are_refused_before_the_lm_runs():
+    model, batch = tiny_model(seed=2), batch_of_three(seed=2)
+    vocab = model.lm._head.shape[0]
+    batch["labels"][0, 1] = vocab
+    with pytest.raises(ValueError, match=f"labels must be token ids in 0..{vocab - 1} or IGNORE_INDEX"):
+        model(**batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Config, save and load
 
 
@@ -206,7 +290,8 @@ def test_save_and_load_round_trip(tmp_path):
     for name in ours:
         assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(**without_labels(batch)).logits, model(**without_labels(batch)).logits,
+                                   rtol=0, atol=0)
 
     with torch.no_grad():
         model.connector.projector[4].bias.add_(1)
@@ -422,7 +507,9 @@ def test_bfloat16_autocast_training_step_on_gpu():
     exact = model(**batch).loss
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**batch)
-    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+        with torch.no_grad():
+            assert model(**without_labels(batch)).logits.dtype == torch.bfloat16
+    assert out.logits is None and out.loss.dtype == torch.float32
     assert abs(out.loss.item() - exact.item()) < 0.05 * exact.item()
     out.loss.backward()
     assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
