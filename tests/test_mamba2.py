@@ -224,8 +224,8 @@ def test_kernels_give_the_references_logits(monkeypatch, dtype):
 
 
 def test_training_on_the_kernel_path_gets_every_gradient(monkeypatch):
-    """With autograd on, the forward-only kernels (norms, conv step) must stay out of the way: on the kernel path
-    (ssd_scan's autograd Function for the scan) every parameter gets the references' gradient."""
+    """With autograd on, the kernel path (the scan, both norms and the conv, each a forward and a backward kernel; the
+    decoding step's forward-only kernels stay out) gives every parameter the references' gradient."""
     model = random_lm()
     ids = torch.randint(0, 97, (2, 9), device=DEVICE)
     grads = {}
