@@ -922,9 +922,10 @@ class MLMamba(nn.Module):
         rows = (targets != IGNORE_INDEX).nonzero()[:, 0]                            # (n_tokens,)
         targets = targets[rows]
         vocab = self.lm._head.shape[0]
-        if len(rows) and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:
+        low, high = torch.stack(torch.aminmax(targets)).tolist() if len(rows) else (0, 0)
+        if not 0 <= low <= high < vocab:
             raise ValueError(f"MLMamba: labels must be token ids in 0..{vocab - 1} or IGNORE_INDEX "
-                             f"({IGNORE_INDEX}), got values from {int(targets.min())} to {int(targets.max())}")
+                             f"({IGNORE_INDEX}), got values from {low} to {high}")
         h = self.lm.hidden_states(inputs_embeds=embeds)[:, :-1]                      # (batch, T - 1, d_model)
         loss_sum = linear_cross_entropy(h.flatten(0, 1)[rows], self.lm._head, targets)
         n_tokens = torch.tensor(len(rows), device=labels.device)
