@@ -300,9 +300,14 @@ def bench_mixer(args, bw):
 
 
 def wall_ms(fn, reps):
-    """Mean wall-clock ms per call, synchronised: for loops of many small launches that do_bench would hide."""
+    """Mean wall-clock ms per call, synchronised, after one call to warm up: for loops of many small launches that
+    do_bench would hide. reps=0: the time of that first call alone."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    if not reps:
+        return (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -395,27 +400,31 @@ def bench_vision(args, bw):
     return rows
 
 
+def generate_model(quick):
+    """The generate section's model: an so400m-shaped encoder at 384 px (729 visual tokens), the cross connector,
+    the Mamba-2 2.7B shape; random weights, bf16."""
+    from mlmamba import ConnectorConfig, MLMamba, MLMambaConfig
+    from vision import VisionConfig
+    vision = VisionConfig(image_size=384, patch_size=14, width=1152, depth=2 if quick else 27, heads=16, mlp_dim=4304)
+    with torch.device("cuda"):
+        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(), lm=lm_config(quick)))
+    return model.to(torch.bfloat16).eval()
+
+
 @torch.no_grad()
 def bench_generate(args, bw):
     """Issue 7's targets: batch-1 decode at the Mamba-2 2.7B shape through generate.py's CUDA-graph decoder (floor:
     the LM's parameter bytes / copy bandwidth per token), and the time to first token of an image (so400m-shaped
     encoder, 729 visual tokens) + a 32-token prompt through MLMamba.generate."""
-    from generate import CUDAGraphDecoder
-    from mlmamba import ConnectorConfig, MLMamba, MLMambaConfig
-    from vision import VisionConfig
-    config = lm_config(args.quick)
-    vision = VisionConfig(image_size=384, patch_size=14, width=1152, depth=2 if args.quick else 27, heads=16,
-                          mlp_dim=4304)
-    with torch.device("cuda"):
-        model = MLMamba(MLMambaConfig(vision=vision, connector=ConnectorConfig(), lm=config))
-    model = model.to(torch.bfloat16).eval()
-    lm, vocab = model.lm, config.vocab_size
+    from generate import CUDAGraphDecoder, CUDAGraphed
+    model = generate_model(args.quick)
+    lm, vocab = model.lm, model.config.lm.vocab_size
     floor = sum(p.numel() * p.element_size() for p in lm.parameters()) / bw * 1e3
     ids = torch.randint(0, vocab, (1, 32), device="cuda")
 
-    def decode_ms(decoder, n):
-        cache = decoder.allocate_cache(1)
-        token = lm(ids, cache=cache)[:, -1, :vocab].argmax(-1)
+    def decode_ms(decoder, n, batch=1):
+        cache = decoder.allocate_cache(batch)
+        token = lm(ids.expand(batch, -1), cache=cache)[:, -1, :vocab].argmax(-1)
 
         def steps():
             nonlocal token
@@ -427,18 +436,26 @@ def bench_generate(args, bw):
     rows = [Row("generate", "2.7B shape decode, eager, ms/token", eager, f"{1e3 / eager:,.1f} tokens/s"),
             Row("generate", "2.7B shape decode, CUDA graph, ms/token", graph,
                 f"{1e3 / graph:,.1f} tokens/s; floor {floor:.3f} ms ({floor / graph:.0%})")]
+    batch8 = decode_ms(CUDAGraphDecoder(lm), 128, batch=8)
+    rows.append(Row("generate", "2.7B shape decode, CUDA graph, batch 8, ms/step", batch8,
+                    f"{8e3 / batch8:,.1f} tokens/s; floor {floor:.3f} ms ({floor / batch8:.0%})"))
     pixels = torch.rand(1, 3, 384, 384, device="cuda")
-    decoder = CUDAGraphDecoder(lm)
-    ttft = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1, decoder=decoder), 5)
-    rows.append(Row("generate", "time to first token, image + 32-token prompt, ms", ttft,
-                    f"{model.num_visual_tokens + 32} prompt positions"))
-    # where the first token's time goes: the vision tower, the connector, the LM's prefill into the cache
-    vision = wall_ms(lambda: model.vision(pixels), 5)
-    tokens = wall_ms(lambda: model.encode_images(pixels), 5)
+    eager_ttft = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1), 3)
+    # generate.py's way: the vision tower, the prefill and the step replayed from CUDA graphs, captured on first use
+    decoder, encoder = CUDAGraphDecoder(lm), CUDAGraphed(model.encode_images)
+    first = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1, decoder=decoder, encode_images=encoder), 0)
+    ttft = wall_ms(lambda: model.generate(ids, pixels, max_new_tokens=1, decoder=decoder, encode_images=encoder), 5)
+    positions = f"{model.num_visual_tokens + 32} prompt positions"
+    rows += [Row("generate", "time to first token, image + 32-token prompt, eager, ms", eager_ttft, positions),
+             Row("generate", "time to first token, CUDA graphs, ms", ttft, positions),
+             Row("generate", "  the first call, capturing the graphs, ms", first, "")]
+    # where the first token's time goes: the vision tower and connector, the LM's prefill into the cache
+    tokens = wall_ms(lambda: encoder(pixels), 5)
     embeds = model.embed(ids, pixels)[0]
-    cache = lm.allocate_cache(1)
-    prefill = wall_ms(lambda: lm(inputs_embeds=embeds, cache=cache), 5)
-    for part, ms in (("vision tower", vision), ("connector", tokens - vision), ("LM prefill", prefill),
+    lengths = torch.tensor([embeds.shape[1]], device="cuda")
+    cache = decoder.allocate_cache(1)
+    prefill = wall_ms(lambda: decoder.prefill(embeds, lengths, cache), 5)
+    for part, ms in (("vision tower + connector", tokens), ("LM prefill", prefill),
                      ("the rest (embedding, batching, first sampling)", ttft - tokens - prefill)):
         rows.append(Row("generate", f"  of which {part}, ms", ms, ""))
     return rows
@@ -471,6 +488,38 @@ def profile_decode(args, bw):
     ms = wall_ms(lambda: decoder.step(token, cache), 100)
     return [Row("profile", "decode step (CUDA graph), wall ms", ms,
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
+
+
+@torch.no_grad()
+def profile_prefill(args, bw):
+    """Where the first token's time goes, part by part (vision tower, connector, the LM's prefill of 761 positions
+    into a cache): wall time against GPU busy time (torch.profiler), and each part's largest kernels and host ops."""
+    model = generate_model(args.quick)
+    ids = torch.randint(0, model.config.lm.vocab_size, (1, 32), device="cuda")
+    pixels = torch.rand(1, 3, 384, 384, device="cuda")
+    embeds = model.embed(ids, pixels)[0]
+    cache = model.lm.allocate_cache(1)
+    parts = {"vision tower": lambda: model.vision(pixels),
+             "vision tower + connector": lambda: model.encode_images(pixels),
+             "LM prefill": lambda: model.lm(inputs_embeds=embeds, cache=cache)}
+    rows, n = [], 3
+    for name, fn in parts.items():
+        fn()
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        print(f"[profile_prefill] {name}, {n} calls")
+        print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
+        ms = wall_ms(fn, 5)
+        rows.append(Row("profile", f"{name}, wall ms", ms, f"GPU busy {busy:.2f} ms ({busy / ms:.0%})"))
+    return rows
 
 
 def bench_train_step(args, bw):
@@ -796,7 +845,8 @@ def profile_ssd(args, bw):
 SECTIONS = {"ssd": bench_ssd, "mixer": bench_mixer, "scan2d": bench_scan2d, "lm": bench_lm, "vision": bench_vision,
             "generate": bench_generate, "train": bench_train, "train_lm": bench_train_lm,
             "train_paper": bench_train_paper, "train_step": bench_train_step, "profile_ssd": profile_ssd,
-            "profile_train": profile_train, "profile_decode": profile_decode}
+            "profile_train": profile_train, "profile_decode": profile_decode,
+            "profile_prefill": profile_prefill}
 
 
 def main():

@@ -8,7 +8,7 @@
 1. Config      `GenerateConfig`: one flag per field (`--top_k 20` sets top_k)
 2. Checkpoint  `load_checkpoint`: a checkpoint directory of train.py, or its out_dir (then its `latest`)
 3. Inputs      every image read and checked before the model loads; prompts in the training template
-4. Decoding    `CUDAGraphDecoder`: the per-token step captured once in a CUDA graph and replayed
+4. Decoding    `CUDAGraphDecoder`: the prefill and the per-token step captured in CUDA graphs and replayed
 5. Streaming   `TextStream`: the answer's text as it grows, printed piece by piece
 6. main        problems the user can fix as one line on stderr and exit status 1, with advice on out-of-memory
 
@@ -19,7 +19,7 @@ need a connector trained for them first, and a stage-1 checkpoint of train.py (`
 
 Decoding keeps only the recurrent state (SSD §3: a (nheads, headdim, dstate) state and the last d_conv conv inputs per
 layer), so memory does not grow with the answer, and a prompt longer than any seen in training costs only prefill time.
-Each row's prompt is prefilled alone, then the rows step together (`MLMamba.generate`).
+The rows' prompts are prefilled together, each to its own length, then the rows step together (`MLMamba.generate`).
 """
 import contextlib
 import json
@@ -36,7 +36,6 @@ from PIL import Image
 import checkpoints
 import data
 from flags import option, parse_config
-from mlmamba import Mamba2Cache
 from tokenizer import load_tokenizer
 from vision import ImageTransform, load_image
 
@@ -78,7 +77,7 @@ class GenerateConfig:
     seed: int = option(0, "seeds the sampling")
     device: str = option("auto", "'cuda', 'cpu', ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "weights: 'bf16' or 'fp32'; auto: bf16 on a GPU, fp32 on a CPU")
-    cuda_graph: bool = option(True, "on a GPU, replay the per-token step from a CUDA graph")
+    cuda_graph: bool = option(True, "on a GPU, replay the vision tower, prefill and per-token step from CUDA graphs")
 
 
 def check_config(c):
@@ -254,66 +253,116 @@ def encode_question(tokenizer, question, history=()):
 # 4. Decoding with a CUDA graph
 
 
-@dataclass
-class CapturedStep:
-    graph: torch.cuda.CUDAGraph
-    cache: Mamba2Cache              # the state the graph reads and updates in place
-    input_ids: torch.Tensor         # (batch,) long: copy each step's tokens here before replaying
-    logits: torch.Tensor            # (batch, padded_vocab): each replay writes the step's logits here
+class CUDAGraphed:
+    """fn(*tensors) -> tensor(s), recorded in a CUDA graph once per input shapes and dtypes, then replayed: the inputs
+    are copied into the graph's own buffers, and the outputs returned are the graph's, overwritten by the next replay.
 
+    From Python each kernel launch costs the host tens of µs; with small kernels (a decoding step, a prefill or a
+    vision tower at batch 1) the GPU spends most of its time waiting for them (BENCHMARKS.md: a 2.7B prefill of 761
+    positions took 154 ms, of which the GPU was busy 21). A replay issues all of fn's kernels in one call. fn
+    qualifies if it has fixed shapes for fixed input shapes, no host synchronisation and no data-dependent Python
+    branches; what it updates in place (a cache) must keep its address."""
 
-class CUDAGraphDecoder:
-    """`Mamba2LM.step` captured in a CUDA graph, once per batch size, and replayed for every token.
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs = {}                    # input signature -> (graph, input buffers, outputs)
 
-    At batch 1 a token is two matrix-vector products and four small kernels per layer (mixer_kernel.py, ssd_step),
-    and from Python the GPU mostly waits for the launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the
-    earlier ~31 kernels per layer, 3% of the memory floor). A graph records the launches once; a replay issues all of
-    them in one call. `step` qualifies: fixed shapes, a cache updated in place, no host
-    synchronisation and no data-dependent Python branches. The graph's buffers stay put: the input ids are copied in,
-    the logits read out, and sampling stays outside the graph.
+    @staticmethod
+    def _signature(args):
+        return tuple((tuple(a.shape), a.dtype) for a in args)
 
-    Stands in for the LM in `MLMamba.generate(decoder=...)`: the same `allocate_cache` and `step`. One generation at
-    a time per batch size: the cache and the logits are the graph's own buffers."""
-
-    def __init__(self, lm):
-        self.lm = lm
-        self.captured = {}                                  # batch size -> CapturedStep
-
-    def allocate_cache(self, batch):
-        """The graph's cache for this batch size (captured now if new), emptied: zeros, the state before any token."""
-        cache = self.capture(batch).cache
-        cache.reset()
-        return cache
-
-    def step(self, input_ids, cache):
-        """As `Mamba2LM.step`, by replaying the graph: the logits returned are overwritten by the next step."""
-        captured = self.captured.get(input_ids.shape[0])
-        if captured is None or cache is not captured.cache:
-            raise ValueError("CUDAGraphDecoder.step: the cache must be the one allocate_cache gave for this batch size")
-        captured.input_ids.copy_(input_ids)
-        captured.graph.replay()
-        return captured.logits
+    def captured(self, *args):
+        return self._signature(args) in self.graphs
 
     @torch.no_grad()
-    def capture(self, batch):
-        """The graph of this batch size's step, captured on first use (a few warm-up steps, then the recording)."""
-        if batch in self.captured:
-            return self.captured[batch]
-        cache = self.lm.allocate_cache(batch)
-        input_ids = torch.zeros(batch, dtype=torch.long, device=cache.ssm_state.device)
+    def capture(self, *args):
+        """Records fn for inputs shaped as args. It runs fn four times, three to warm up and one recorded: whatever
+        fn updates in place is changed by them."""
+        inputs = [a.clone() for a in args]
         # Warm up on a side stream, as torch.cuda.graphs' documentation asks: Triton compiles its kernels, cuBLAS and
         # cuDNN pick theirs and allocate workspaces; none of that may happen during the capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                self.lm.step(input_ids, cache)
+                self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):                       # records the kernels; nothing runs
-            logits = self.lm.step(input_ids, cache)
-        self.captured[batch] = CapturedStep(graph, cache, input_ids, logits)
-        return self.captured[batch]
+            outputs = self.fn(*inputs)
+        self.graphs[self._signature(args)] = (graph, inputs, outputs)
+
+    @torch.no_grad()
+    def __call__(self, *args):
+        if not self.captured(*args):
+            self.capture(*args)
+        graph, inputs, outputs = self.graphs[self._signature(args)]
+        for buffer, a in zip(inputs, args):
+            buffer.copy_(a)
+        graph.replay()
+        return outputs
+
+
+# Prompts are padded up to a multiple of this for the prefill's graphs: one graph serves every prompt length of a
+# bucket, at the cost of up to 63 positions of arithmetic (the SSD scan pads to its 256-token chunks anyway).
+PREFILL_BUCKET = 64
+
+
+class CUDAGraphDecoder:
+    """`Mamba2LM.prefill` and `Mamba2LM.step` replayed from CUDA graphs (`CUDAGraphed`): the step captured once per
+    batch size, the prefill once per batch size and prompt length rounded up to PREFILL_BUCKET.
+
+    At batch 1 a token is two matrix-vector products and four small kernels per layer (mixer_kernel.py, ssd_step),
+    and from Python the GPU mostly waits for the launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the
+    earlier ~31 kernels per layer, 3% of the memory floor). `step` and `prefill` qualify for capture: fixed shapes,
+    a cache updated in place, no host synchronisation and no data-dependent Python branches. Sampling stays outside.
+
+    Stands in for the LM in `MLMamba.generate(decoder=...)`: the same `allocate_cache`, `prefill` and `step`. One
+    generation at a time per batch size: the cache and the logits are the graphs' own buffers."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.caches, self.steps, self.prefills = {}, {}, {}     # batch size -> its cache, step and prefill graphs
+
+    def allocate_cache(self, batch):
+        """The graphs' cache for this batch size (the step captured now if new), emptied: zeros, the state before
+        any token."""
+        cache = self.capture(batch)
+        cache.reset()
+        return cache
+
+    def capture(self, batch):
+        """This batch size's cache, and its step's graph, captured on first use."""
+        if batch not in self.caches:
+            cache = self.caches[batch] = self.lm.allocate_cache(batch)
+            self.steps[batch] = CUDAGraphed(lambda input_ids: self.lm.step(input_ids, cache))
+            self.prefills[batch] = CUDAGraphed(lambda embeds, lengths: self.lm.prefill(embeds, lengths, cache))
+            self.steps[batch].capture(torch.zeros(batch, dtype=torch.long, device=cache.ssm_state.device))
+        return self.caches[batch]
+
+    def _check(self, batch, cache):
+        if cache is not self.caches.get(batch):
+            raise ValueError("CUDAGraphDecoder: the cache must be the one allocate_cache gave for this batch size")
+
+    def step(self, input_ids, cache):
+        """As `Mamba2LM.step`, by replaying the graph: the logits returned are overwritten by the next step."""
+        self._check(input_ids.shape[0], cache)
+        return self.steps[input_ids.shape[0]](input_ids)
+
+    def prefill(self, inputs_embeds, lengths, cache):
+        """As `Mamba2LM.prefill`, by replaying the graph of the prompt's bucket (captured now if new); the padding up
+        to the bucket is zeros, which `lengths` keeps out of the cache."""
+        batch, seqlen, _ = inputs_embeds.shape
+        self._check(batch, cache)
+        padded = -(-seqlen // PREFILL_BUCKET) * PREFILL_BUCKET
+        inputs_embeds = torch.nn.functional.pad(inputs_embeds, (0, 0, 0, padded - seqlen))
+        graphed = self.prefills[batch]
+        if not graphed.captured(inputs_embeds, lengths):
+            saved = cache.conv_state.clone(), cache.ssm_state.clone()
+            graphed.capture(inputs_embeds, lengths)         # its runs wrote the cache: put it back
+            cache.conv_state.copy_(saved[0])
+            cache.ssm_state.copy_(saved[1])
+        return graphed(inputs_embeds, lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,7 +434,8 @@ def run(c, out=sys.stdout, log=sys.stderr):
     rows = pair_up(list(zip(c.image, images)), c.prompt)           # [((path, image) or None, prompt)]
     prompts = [encode_question(tokenizer, prompt) for _, prompt in rows]
     batch = make_batch(model, tokenizer, [None if image is None else image[1] for image, _ in rows], prompts)
-    decoder = CUDAGraphDecoder(model.lm) if device.type == "cuda" and c.cuda_graph else None
+    graphs = device.type == "cuda" and c.cuda_graph
+    decoder, encoder = (CUDAGraphDecoder(model.lm), CUDAGraphed(model.encode_images)) if graphs else (None, None)
     print(f"generate.py: {directory}, {len(rows)} prompt(s), {str(dtype).removeprefix('torch.')} on {device}"
           f"{', CUDA graph' if decoder else ''}", file=log)
 
@@ -399,11 +449,15 @@ def run(c, out=sys.stdout, log=sys.stderr):
             print(stream.push(new_ids[0]), end="", file=out, flush=True)
 
     with advice_on_out_of_memory(device, batch_advice(device, dtype, len(rows), max(map(len, prompts)))):
-        if decoder is not None:
-            decoder.capture(len(rows))                              # once per process, outside the timing
+        if graphs:
+            # a first, untimed token captures the graphs for these shapes: the vision tower, the prefill, the step
+            start = time.perf_counter()
+            model.generate(**batch, max_new_tokens=2, decoder=decoder, encode_images=encoder)
+            print(f"generate.py: CUDA graphs captured in {time.perf_counter() - start:.1f} s", file=log)
         start = time.perf_counter()
         tokens = model.generate(**batch, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                                top_p=c.top_p, seed=c.seed, eos_id=tokenizer.eos_id, callback=on_step, decoder=decoder)
+                                top_p=c.top_p, seed=c.seed, eos_id=tokenizer.eos_id, callback=on_step, decoder=decoder,
+                                encode_images=encoder)
     answers = [data.decode_answer(tokenizer, t) for t in tokens]
     if stream is not None:
         print(stream.finish(), file=out, flush=True)

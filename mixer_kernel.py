@@ -53,28 +53,42 @@ def gated_rms_norm_reference(y, z, weight, group_size, eps):
     return (rearrange(h, "... g d -> ... (g d)") * weight.to(wide)).to(y.dtype)
 
 
-def causal_conv1d_reference(xBC, weight, bias=None, conv_state=None):
+def causal_conv1d_reference(xBC, weight, bias=None, initial_state=None):
     """Causal depthwise convolution, then SiLU: out_t = SiLU(bias + Σ_k weight[:, 0, k] ⊙ in_{t-d_conv+1+k}).
 
     xBC (batch, seqlen, channels); weight (channels, 1, d_conv) as nn.Conv1d stores it. Returns (batch, seqlen,
-    channels), a transposed view. The inputs before the sequence are zeros or, with conv_state (batch, channels,
-    d_conv), the last d_conv inputs seen so far; conv_state then gets the new last d_conv, in place."""
+    channels), a transposed view. The inputs before the sequence are zeros or, with initial_state (batch, channels,
+    d_conv), the conv state of a cache: the last d_conv inputs seen so far (`conv_state_after` gives the next one)."""
     batch, seqlen, channels = xBC.shape
     d_conv = weight.shape[-1]
-    if conv_state is None:
+    if initial_state is None:
         past = xBC.new_zeros(batch, channels, d_conv - 1)
     else:
-        past = conv_state[..., 1:].to(xBC.dtype)
+        past = initial_state[..., 1:].to(xBC.dtype)
     window = torch.cat([past, rearrange(xBC, "b l c -> b c l")], dim=-1)    # (batch, channels, d_conv - 1 + seqlen)
-    if conv_state is not None:
-        conv_state.copy_(window[..., -d_conv:])
     out = F.conv1d(window, weight, bias, groups=channels)                   # (batch, channels, seqlen)
     return rearrange(F.silu(out), "b c l -> b l c")
 
 
+def conv_state_after(conv_state, xBC, lengths=None):
+    """The conv state once xBC (batch, seqlen, channels) has followed conv_state (batch, channels, d_conv): the last
+    d_conv inputs, (batch, channels, d_conv) in conv_state's dtype. With lengths (batch,), values in 0..seqlen, row b
+    stops after its first lengths[b] inputs (the rest is padding)."""
+    d_conv = conv_state.shape[-1]
+    # window[..., j] is the input at time j - d_conv: the old state first, then the new inputs
+    window = torch.cat([conv_state, rearrange(xBC, "b l c -> b c l").to(conv_state.dtype)], dim=-1)
+    if lengths is None:
+        return window[..., -d_conv:]
+    index = lengths[:, None, None] + torch.arange(d_conv, device=xBC.device)     # times lengths - d_conv .. lengths - 1
+    return window.gather(-1, index.expand(-1, window.shape[1], -1))
+
+
 def conv_step_reference(x, conv_state, weight, bias=None):
-    """One token of causal_conv1d, with conv_step's arguments: x (batch, channels) -> (batch, channels)."""
-    return causal_conv1d_reference(x[:, None], weight, bias, conv_state)[:, 0].contiguous()
+    """One token of causal_conv1d, with conv_step's arguments: x (batch, channels) -> (batch, channels), conv_state
+    advanced in place."""
+    out = causal_conv1d_reference(x[:, None], weight, bias, conv_state)[:, 0].contiguous()
+    conv_state.copy_(conv_state_after(conv_state, x[:, None]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -250,15 +264,17 @@ def gated_rms_norm(y, z, weight, group_size, eps):
 
 @triton.jit
 def _causal_conv1d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, state_ptr, out_ptr,
     seqlen, channels,
-    stride_x_b, stride_x_l, stride_out_b, stride_out_l,
-    HAS_BIAS: tl.constexpr, D_CONV: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_x_b, stride_x_l, stride_s_b, stride_s_c, stride_out_b, stride_out_l,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, D_CONV: tl.constexpr, X_ALIGN: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """A (BLOCK_L, BLOCK_C) tile of out_t = SiLU(bias + Σ_k w[:, k] ⊙ x_{t-D_CONV+1+k}), zeros before t = 0, summed
-    in float32.
+    """A (BLOCK_L, BLOCK_C) tile of out_t = SiLU(bias + Σ_k w[:, k] ⊙ x_{t-D_CONV+1+k}), summed in float32. Before
+    t = 0: zeros, or with HAS_STATE the conv state (batch, channels, D_CONV), whose column j holds x_{j-D_CONV}.
+    X_ALIGN, as in _causal_conv1d_bwd_kernel: x's rows load as vectors.
 
-    Must match causal_conv1d_reference without a conv_state."""
+    Must match causal_conv1d_reference."""
     b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -268,10 +284,14 @@ def _causal_conv1d_fwd_kernel(
         pre += tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(D_CONV):
         t = offs_l - (D_CONV - 1) + k
-        x = tl.load(x_ptr + b * stride_x_b + t[:, None] * stride_x_l + offs_c[None, :],
-                    mask=((t >= 0) & (t < seqlen))[:, None] & in_c[None, :], other=0.0)
+        x_rows = tl.multiple_of(b * stride_x_b + t * stride_x_l, X_ALIGN)
+        x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :],
+                    mask=((t >= 0) & (t < seqlen))[:, None] & in_c[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:
+            x += tl.load(state_ptr + b * stride_s_b + offs_c[None, :] * stride_s_c + (t + D_CONV)[:, None],
+                         mask=(t < 0)[:, None] & in_c[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_c * D_CONV + k, mask=in_c, other=0.0)
-        pre += x.to(tl.float32) * w.to(tl.float32)[None, :]
+        pre += x * w.to(tl.float32)[None, :]
     tl.store(out_ptr + b * stride_out_b + offs_l[:, None] * stride_out_l + offs_c[None, :], pre * tl.sigmoid(pre),
              mask=(offs_l < seqlen)[:, None] & in_c[None, :])
 
@@ -279,48 +299,58 @@ def _causal_conv1d_fwd_kernel(
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
-    seqlen, channels,
+    seqlen, channels, range_l,
     stride_x_b, stride_x_l, stride_dout_b, stride_dout_l, stride_dpre_b, stride_dpre_l,
-    HAS_BIAS: tl.constexpr, D_CONV: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr, X_ALIGN: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The first half of _causal_conv1d_fwd_kernel's gradients, for one tile. With pre_t the convolution before SiLU
-    (recomputed from x rather than stored):
+    """The first half of _causal_conv1d_fwd_kernel's gradients, over range_l positions of one batch row: positions
+    [r·range_l, min((r+1)·range_l, seqlen)) of BLOCK_C channels, r = program_id(1). With pre_t the convolution before
+    SiLU (recomputed from x rather than stored):
 
         dpre_t = dout_t ⊙ σ(pre_t)(1 + pre_t(1 − σ(pre_t)))      stored in dout's dtype
         dw_k   = Σ_t dpre_t ⊙ x_{t-D_CONV+1+k},   dbias = Σ_t dpre_t
 
-    dw (D_CONV, channels) and dbias (channels,) are this tile's partial sums, one per (batch, L-block); the caller
-    adds them up.
+    The program walks its range BLOCK_L positions at a time, adding dpre_t ⊙ x_{t-D_CONV+1+k} and dpre_t element-wise
+    into float32 tiles, and sums those over positions once, after the walk: dw (D_CONV, channels) and dbias
+    (channels,) are partial sums, one per (batch, range), that the caller adds up. range_l is a multiple of BLOCK_L.
+    The taps are a padded axis of K_POW2 = next_pow2(D_CONV); X_ALIGN, a power of two dividing both of x's strides,
+    lets x's rows load as vectors when xBC is a slice of a wider projection.
     _causal_conv1d_bwd_dx_kernel then takes dpre to dx. Together they must match the autograd gradients of
     causal_conv1d_reference without a conv_state."""
-    b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    b, pid_r, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    offs_k = tl.arange(0, K_POW2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = offs_c < channels
-    in_tile = (offs_l < seqlen)[:, None] & in_c[None, :]
-    x_tile = x_ptr + b * stride_x_b + offs_c[None, :]
-    pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    in_kc = (offs_k < D_CONV)[:, None] & in_c[None, :]                                      # (K_POW2, BLOCK_C)
+    w = tl.load(w_ptr + offs_c[None, :] * D_CONV + offs_k[:, None], mask=in_kc, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
-        pre += tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(D_CONV):
-        t = offs_l - (D_CONV - 1) + k
-        x = tl.load(x_tile + t[:, None] * stride_x_l, mask=((t >= 0) & (t < seqlen))[:, None] & in_c[None, :],
-                    other=0.0)
-        pre += x.to(tl.float32) * tl.load(w_ptr + offs_c * D_CONV + k, mask=in_c, other=0.0).to(tl.float32)[None, :]
-    dout = tl.load(dout_ptr + b * stride_dout_b + offs_l[:, None] * stride_dout_l + offs_c[None, :], mask=in_tile,
-                   other=0.0)
-    sig = tl.sigmoid(pre)
-    dpre = dout.to(tl.float32) * sig * (1 + pre * (1 - sig))
-    tl.store(dpre_ptr + b * stride_dpre_b + offs_l[:, None] * stride_dpre_l + offs_c[None, :], dpre.to(dout.dtype),
-             mask=in_tile)
-    part = (b * tl.num_programs(1) + pid_l) * channels
+        bias = tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)
+    dw = tl.zeros((K_POW2, BLOCK_L, BLOCK_C), dtype=tl.float32)       # [k, i, c]: Σ dpre_t ⊙ x_{t-D_CONV+1+k}
+    dbias = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)             # [i, c]: Σ dpre_t, t ≡ i (mod BLOCK_L)
+    start = pid_r * range_l
+    end = tl.minimum(start + range_l, seqlen)
+    for l0 in range(start, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        in_tile = (offs_l < end)[:, None] & in_c[None, :]                                   # (BLOCK_L, BLOCK_C)
+        t = offs_l[None, :] - (D_CONV - 1) + offs_k[:, None]           # (K_POW2, BLOCK_L): the input tap k reads
+        x_rows = tl.multiple_of(b * stride_x_b + t * stride_x_l, (X_ALIGN, X_ALIGN))
+        x = tl.load(x_ptr + x_rows[:, :, None] + offs_c[None, None, :],
+                    mask=(t >= 0)[:, :, None] & in_tile[None, :, :] & in_kc[:, None, :], other=0.0).to(tl.float32)
+        pre = tl.sum(x * w[:, None, :], axis=0) + bias[None, :]                             # (BLOCK_L, BLOCK_C)
+        dout = tl.load(dout_ptr + b * stride_dout_b + offs_l[:, None] * stride_dout_l + offs_c[None, :], mask=in_tile,
+                       other=0.0)
+        sig = tl.sigmoid(pre)
+        dpre = dout.to(tl.float32) * sig * (1 + pre * (1 - sig))
+        tl.store(dpre_ptr + b * stride_dpre_b + offs_l[:, None] * stride_dpre_l + offs_c[None, :], dpre.to(dout.dtype),
+                 mask=in_tile)
+        dw += dpre[None, :, :] * x
+        dbias += dpre
+    part = b * tl.num_programs(1) + pid_r                                                   # this (batch, range)
+    tl.store(dw_ptr + (part * D_CONV + offs_k[:, None]) * channels + offs_c[None, :], tl.sum(dw, axis=1), mask=in_kc)
     if HAS_BIAS:
-        tl.store(dbias_ptr + part + offs_c, tl.sum(dpre, axis=0), mask=in_c)
-    for k in tl.static_range(D_CONV):
-        t = offs_l - (D_CONV - 1) + k
-        x = tl.load(x_tile + t[:, None] * stride_x_l, mask=((t >= 0) & (t < seqlen))[:, None] & in_c[None, :],
-                    other=0.0)
-        tl.store(dw_ptr + part * D_CONV + k * channels + offs_c, tl.sum(dpre * x.to(tl.float32), axis=0), mask=in_c)
+        tl.store(dbias_ptr + part * channels + offs_c, tl.sum(dbias, axis=0), mask=in_c)
 
 
 @triton.jit
@@ -348,13 +378,51 @@ def _causal_conv1d_bwd_dx_kernel(
              mask=(offs_l < seqlen)[:, None] & in_c[None, :])
 
 
-# Tiles, from a sweep on an H200 at the 130M training shape: the backward's partial sums want fewer, longer tiles
-# (266 µs at 64 positions, 338 at 32); the forward and dx kernels are within 10% of their best at 32.
-_CONV_BLOCK_L, _CONV_BWD_BLOCK_L, _CONV_BLOCK_C = 32, 64, 128
+# Tiles. The forward and dx kernels: within 10% of their best at 32 positions x 128 channels, from a sweep on an H200
+# at the 130M training shape. The backward carries D_CONV + 1 float32 accumulator tiles through its walk over
+# positions, so its tile is small: 8 x 64 with 2 warps took 248 µs there (Triton 3.6), 16 x 64 with 4 warps 256,
+# 8 x 128 with 4 warps 436 and 16 x 128 937 (register spills). Its previous form, one tile per program, each storing
+# D_CONV + 1 partial rows, took 266 µs at 64 x 128.
+_CONV_BLOCK_L, _CONV_BLOCK_C = 32, 128
+_CONV_BWD_BLOCK_L, _CONV_BWD_BLOCK_C, _CONV_BWD_WARPS = 8, 64, 2
+# The backward's program count to aim for: (batch, C-block) pairs times ranges of positions (_conv_bwd_ranges), so
+# that the partial sums stay small (one row of (D_CONV + 1) x channels floats per (batch, range)) while every SM gets
+# several programs.
+_CONV_BWD_PROGRAMS = 2048
 
 
 def _conv_grid(batch, seqlen, channels, block_l=_CONV_BLOCK_L):
     return batch, cdiv(seqlen, block_l), cdiv(channels, _CONV_BLOCK_C)
+
+
+def _conv_bwd_ranges(batch, seqlen, channels):
+    """(ranges, range_l): _causal_conv1d_bwd_kernel's split of the positions into ranges of range_l positions, a
+    multiple of _CONV_BWD_BLOCK_L (the last range may be shorter): about _CONV_BWD_PROGRAMS programs in all, one per
+    (batch, range, C-block), and at least one L-block each."""
+    l_blocks = cdiv(seqlen, _CONV_BWD_BLOCK_L)
+    ranges = max(1, min(l_blocks, cdiv(_CONV_BWD_PROGRAMS, batch * cdiv(channels, _CONV_BWD_BLOCK_C))))
+    range_l = max(1, cdiv(l_blocks, ranges)) * _CONV_BWD_BLOCK_L
+    return cdiv(seqlen, range_l), range_l
+
+
+def _conv_fwd(xBC, weight, bias, initial_state):
+    """_causal_conv1d_fwd_kernel over the whole sequence: (batch, seqlen, channels), contiguous."""
+    batch, seqlen, channels = xBC.shape
+    out = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device)
+    state = initial_state if initial_state is not None else out                # a pointer the kernel never reads
+    _causal_conv1d_fwd_kernel[_conv_grid(batch, seqlen, channels)](
+        xBC, weight, bias if bias is not None else weight, state, out, seqlen, channels, xBC.stride(0),
+        xBC.stride(1), state.stride(0), state.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+        HAS_STATE=initial_state is not None, D_CONV=weight.shape[1], X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
+        BLOCK_C=_CONV_BLOCK_C)
+    return out
+
+
+def _row_align(x):
+    """The largest power of two ≤ 16 dividing x's batch and position strides: xBC is a slice of in_proj's wider
+    output, whose rows start at multiples of 8 elements (3352 at the 130M shape) but not always of 16."""
+    strides = x.stride(0) | x.stride(1) | 16
+    return strides & -strides
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -367,28 +435,25 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xBC, weight, bias):
         batch, seqlen, channels = xBC.shape
-        out = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device)
-        _causal_conv1d_fwd_kernel[_conv_grid(batch, seqlen, channels)](
-            xBC, weight, bias if bias is not None else weight, out, seqlen, channels, xBC.stride(0), xBC.stride(1),
-            out.stride(0), out.stride(1), HAS_BIAS=bias is not None, D_CONV=weight.shape[1], BLOCK_L=_CONV_BLOCK_L,
-            BLOCK_C=_CONV_BLOCK_C)
         ctx.save_for_backward(xBC, weight, bias)
-        return out
+        return _conv_fwd(xBC, weight, bias, None)
 
     @staticmethod
     def backward(ctx, dout):
         xBC, weight, bias = ctx.saved_tensors
         (batch, seqlen, channels), d_conv = xBC.shape, weight.shape[1]
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        grid = _conv_grid(batch, seqlen, channels, _CONV_BWD_BLOCK_L)
+        ranges, range_l = _conv_bwd_ranges(batch, seqlen, channels)
         dpre = torch.empty(batch, seqlen, channels, dtype=dout.dtype, device=xBC.device)
-        dw = torch.empty(batch * grid[1], d_conv, channels, dtype=torch.float32, device=xBC.device)
-        dbias = (torch.empty(batch * grid[1], channels, dtype=torch.float32, device=xBC.device)
+        # partial sums, one row per (batch, range)
+        dw = torch.empty(batch * ranges, d_conv, channels, dtype=torch.float32, device=xBC.device)
+        dbias = (torch.empty(batch * ranges, channels, dtype=torch.float32, device=xBC.device)
                  if bias is not None else None)
-        _causal_conv1d_bwd_kernel[grid](
+        _causal_conv1d_bwd_kernel[batch, ranges, cdiv(channels, _CONV_BWD_BLOCK_C)](
             xBC, weight, bias if bias is not None else weight, dout, dpre, dw, dbias if dbias is not None else dw,
-            seqlen, channels, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
-            dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, BLOCK_L=_CONV_BWD_BLOCK_L, BLOCK_C=_CONV_BLOCK_C)
+            seqlen, channels, range_l, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
+            dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, K_POW2=next_pow2(d_conv),
+            X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BWD_BLOCK_L, BLOCK_C=_CONV_BWD_BLOCK_C, num_warps=_CONV_BWD_WARPS)
         dx = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device)
         _causal_conv1d_bwd_dx_kernel[_conv_grid(batch, seqlen, channels)](
             dpre, weight, dx, seqlen, channels, dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1),
@@ -398,10 +463,11 @@ class _CausalConv1d(torch.autograd.Function):
 
 
 @reference_off_gpu(causal_conv1d_reference)
-def causal_conv1d(xBC, weight, bias=None):
-    """As causal_conv1d_reference without a conv_state: one kernel forward, one backward. xBC (batch, seqlen, channels)
-    may be a strided view (a slice of in_proj's output) if contiguous in channels; weight (channels, 1, d_conv).
-    Returns (batch, seqlen, channels), contiguous, in xBC's dtype."""
+def causal_conv1d(xBC, weight, bias=None, initial_state=None):
+    """As causal_conv1d_reference: one kernel forward, one backward. xBC (batch, seqlen, channels) may be a strided
+    view (a slice of in_proj's output) if contiguous in channels; weight (channels, 1, d_conv). Returns (batch,
+    seqlen, channels), contiguous, in xBC's dtype. With an initial_state (a cache's conv state, for a prefill) it is
+    forward only."""
     batch, seqlen, channels = xBC.shape
     if weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(f"causal_conv1d: weight has shape {tuple(weight.shape)}, expected ({channels}, 1, d_conv)")
@@ -409,7 +475,15 @@ def causal_conv1d(xBC, weight, bias=None):
         raise ValueError(f"causal_conv1d: bias has shape {tuple(bias.shape)}, expected ({channels},)")
     if xBC.stride(-1) != 1:
         xBC = xBC.contiguous()
-    return _CausalConv1d.apply(xBC, weight.reshape(channels, -1).contiguous(), bias)
+    weight = weight.reshape(channels, -1).contiguous()
+    if initial_state is None:
+        return _CausalConv1d.apply(xBC, weight, bias)
+    if tuple(initial_state.shape) != (batch, channels, weight.shape[1]) or initial_state.stride(-1) != 1:
+        raise ValueError(f"causal_conv1d: initial_state must be ({batch}, {channels}, {weight.shape[1]}) and "
+                         f"contiguous in its last dimension, got {tuple(initial_state.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xBC, weight, bias, initial_state)):
+        raise ValueError("causal_conv1d: with an initial_state it is forward only (prefill into a cache)")
+    return _conv_fwd(xBC, weight, bias, initial_state)
 
 
 @triton.jit

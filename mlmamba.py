@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_step, gated_rms_norm, gated_rms_norm_reference,
-                          rms_norm, rms_norm_reference)
+from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
+                          gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference)
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import RESIZE_STRATEGIES, Block, FusedVisionEncoder, VisionConfig, VisionEncoder
@@ -125,20 +125,23 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_eps)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
 
-    def forward(self, u, conv_state=None, ssm_h=None):
+    def forward(self, u, conv_state=None, ssm_h=None, lengths=None):
         """u (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
         With conv_state and ssm_h (one layer's part of a `Mamba2Cache`) the sequence continues the one they hold, and
-        they are updated in place; one token then takes the recurrent `step` instead of the chunked scan."""
-        if ssm_h is not None and u.shape[1] == 1:
+        they are updated in place; one token then takes the recurrent `step` instead of the chunked scan. With lengths
+        (batch,) too, values in 0..seqlen, row b's positions from lengths[b] on are padding: the cache is left as it
+        was after its first lengths[b] tokens, so that prompts of different lengths prefill together."""
+        if ssm_h is not None and u.shape[1] == 1 and lengths is None:
             return self.step(u[:, 0], conv_state, ssm_h)[:, None]
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        # xBC (batch, seqlen, conv_dim); the kernel starts from zeros, a prefill into a cache from its conv_state
-        if _use_kernels(u) and conv_state is None:
-            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
-        else:
-            xBC = causal_conv1d_reference(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
+        # xBC (batch, seqlen, conv_dim), starting from zeros or from a cache's conv_state (forward only)
+        kernel = _use_kernels(u) and (conv_state is None or not torch.is_grad_enabled())
+        conv = causal_conv1d if kernel else causal_conv1d_reference
+        xBC, xBC_in = conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state), xBC
+        if conv_state is not None:
+            conv_state.copy_(conv_state_after(conv_state, xBC_in, lengths))
         x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # x (batch, seqlen, nheads, headdim); B, C (batch, seqlen, ngroups, dstate)
         x = rearrange(x, "b l (h p) -> b l h p", p=c.headdim)
@@ -149,6 +152,9 @@ class Mamba2Mixer(nn.Module):
         # nheads), in float32 (float64 for float64): what ssd_scan would compute from dt with dt_softplus.
         wide = torch.promote_types(dt.dtype, torch.float32)
         delta = F.softplus(dt.to(wide) + self.dt_bias.to(wide))
+        if lengths is not None:
+            # Δ = 0 on the padding: h_t = h_{t-1} there (no decay, no input), so the final state is each row's own
+            delta = delta * (torch.arange(u.shape[1], device=u.device) < lengths[:, None])[..., None]
         A = -torch.exp(self.A_log.float())                          # (nheads,), A < 0
         scan = ssd_scan if _use_kernels(u) else ssd_reference
         y, ssm_h_last = scan(x, delta, A, B, C, chunk_size=c.chunk_size, D=self.D, initial_state=ssm_h,
@@ -167,11 +173,8 @@ class Mamba2Mixer(nn.Module):
         which it differentiates."""
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        if _inference_kernels(u):
-            # (batch, conv_dim)
-            xBC = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        else:
-            xBC = causal_conv1d_reference(xBC[:, None], self.conv1d.weight, self.conv1d.bias, conv_state)[:, 0]
+        step = conv_step if _inference_kernels(u) else conv_step_reference
+        xBC = step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)          # (batch, conv_dim)
         x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # x (batch, nheads, headdim); B, C (batch, ngroups, dstate)
         x = rearrange(x, "b (h p) -> b h p", p=c.headdim)
@@ -254,11 +257,11 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = Mamba2Mixer(config)
 
-    def forward(self, h, conv_state=None, ssm_h=None):
-        """h (batch, seqlen, d_model), the residual stream -> the same after this block; conv_state, ssm_h: the
-        mixer's, as Mamba2Mixer.forward takes them. The sum keeps h's dtype (float32 with residual_in_fp32), rounded
-        once, as mamba_ssm's fused add + norm keeps its residual."""
-        return (h + self.mixer(self.norm(h), conv_state, ssm_h)).to(h.dtype)
+    def forward(self, h, conv_state=None, ssm_h=None, lengths=None):
+        """h (batch, seqlen, d_model), the residual stream -> the same after this block; conv_state, ssm_h, lengths:
+        the mixer's, as Mamba2Mixer.forward takes them. The sum keeps h's dtype (float32 with residual_in_fp32),
+        rounded once, as mamba_ssm's fused add + norm keeps its residual."""
+        return (h + self.mixer(self.norm(h), conv_state, ssm_h, lengths)).to(h.dtype)
 
 
 @dataclass
@@ -324,9 +327,10 @@ class Mamba2LM(nn.Module):
         it is updated in place to hold them too."""
         return F.linear(self.hidden_states(input_ids, inputs_embeds, cache), self._head)
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None):
+    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None, lengths=None):
         """`forward` up to the LM head: (batch, seqlen, d_model) after the final norm. The training loss multiplies
-        them by the head chunk by chunk (`linear_cross_entropy`) instead of holding all the logits."""
+        them by the head chunk by chunk (`linear_cross_entropy`) instead of holding all the logits. lengths: with a
+        cache, as `prefill` takes them, on the device."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Mamba2LM.forward: pass exactly one of input_ids and inputs_embeds")
         # h, the residual stream: (batch, seqlen, d_model)
@@ -335,11 +339,22 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"Mamba2LM.forward: inputs_embeds must be (batch, seqlen, {self.config.d_model}), "
                              f"got {tuple(h.shape)}")
         _check_cache(cache, h.shape[0])
+        if lengths is not None and (cache is None or tuple(lengths.shape) != h.shape[:1]):
+            raise ValueError(f"Mamba2LM: lengths, one per row ({h.shape[0]},), go with a cache")
         h = h.to(self._stream_dtype)
         for i, layer in enumerate(self.layers):
-            states = (cache.conv_state[i], cache.ssm_state[i]) if cache is not None else ()
+            states = (cache.conv_state[i], cache.ssm_state[i], lengths) if cache is not None else ()
             h = layer(h, *states)
         return self.norm_f(h)
+
+    def prefill(self, inputs_embeds, lengths, cache):
+        """Prompts of different lengths into a cache at once: inputs_embeds (batch, T, d_model) right-padded, row b's
+        prompt its first lengths[b] positions (lengths (batch,) on the device, values in 1..T; not checked here,
+        which would wait for the GPU). Returns the logits (batch, padded_vocab) after each row's last prompt token;
+        the cache then holds each row's state after its own prompt, as if it had been prefilled alone."""
+        h = self.hidden_states(inputs_embeds=inputs_embeds, cache=cache, lengths=lengths)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]          # (batch, d_model)
+        return F.linear(last, self._head)
 
     def allocate_cache(self, batch):
         """An empty cache (zeros: the state before any token) on the model's device."""
@@ -383,7 +398,7 @@ class Mamba2LM(nn.Module):
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         cache = self.allocate_cache(input_ids.shape[0])
         # prefill: (batch, padded_vocab)
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = F.linear(self.hidden_states(input_ids, cache=cache)[:, -1], self._head)
         tokens, done = [input_ids], torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
         for i in range(max_new_tokens):
             next_ids = sample_next(logits[:, :self.config.vocab_size], temperature, top_k, top_p, generator)
@@ -875,20 +890,22 @@ class MLMamba(nn.Module):
             raise ValueError(f"MLMamba: lengths must be ({batch},) with values in 0..{seqlen}, got {lengths.tolist()}")
         return has_image, lengths
 
-    def embed(self, input_ids, pixel_values=None, has_image=None, lengths=None):
+    def embed(self, input_ids, pixel_values=None, has_image=None, lengths=None, encode_images=None):
         """The LM's input sequence, each row [its visual tokens if it has an image][its text][padding].
 
         input_ids (batch, seqlen) right-padded, row i's text being input_ids[i, :lengths[i]]; pixel_values the images
         of the rows with has_image, in row order. Returns (embeds, text_start, lengths): embeds (batch, T, d_model)
         with T = num_visual_tokens + seqlen when any row has an image, else seqlen; text_start (batch,) where each
         row's text begins (num_visual_tokens or 0). The visual tokens come before all text, BOS included, as in
-        ML-Mamba's code; Prismatic and Cobra put them after BOS. Right padding is harmless to a causal model."""
+        ML-Mamba's code; Prismatic and Cobra put them after BOS. Right padding is harmless to a causal model.
+        encode_images: what turns pixel_values into visual tokens, self.encode_images by default
+        (generate.CUDAGraphed replays it from a CUDA graph)."""
         has_image, lengths = self._check_batch(input_ids, pixel_values, has_image, lengths)
         text = self.lm.embedding(input_ids)                             # (batch, seqlen, d_model)
         text_start = torch.zeros_like(lengths)
         if not bool(has_image.any()):
             return text, text_start, lengths
-        visual = self.encode_images(pixel_values)                       # (n_images, V, d_model)
+        visual = (encode_images or self.encode_images)(pixel_values)    # (n_images, V, d_model)
         (batch, seqlen), V = input_ids.shape, self.num_visual_tokens
         text_start = V * has_image.long()
         embeds = text.new_zeros(batch, V + seqlen, text.shape[-1])
@@ -947,28 +964,27 @@ class MLMamba(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, has_image=None, lengths=None, max_new_tokens=64,
-                 temperature=0.0, top_k=None, top_p=None, seed=None, eos_id=None, callback=None, decoder=None):
+                 temperature=0.0, top_k=None, top_p=None, seed=None, eos_id=None, callback=None, decoder=None,
+                 encode_images=None):
         """New tokens for a batch of prompts (right-padded input_ids with lengths, with or without images, as for
         `forward`): a list per row, ending with eos_id where the row produced it.
 
-        Each row is prefilled alone at its own length into its rows of one recurrent cache (the padding of a batched
-        prefill would enter the state), then all rows step together. temperature 0 is greedy; otherwise sampling as
+        The rows are prefilled together, each to its own length (`Mamba2LM.prefill`: the padding leaves the state
+        alone), then step together. temperature 0 is greedy; otherwise sampling as
         `sample_next`, reproducible with seed. A row that has produced eos_id stops; generation ends when all have.
         callback(step, new_ids) gets each step's tokens (batch,), eos_id for the rows already finished.
-        decoder: what allocates the cache and takes each step (`allocate_cache`, `step`), self.lm by default;
-        generate.CUDAGraphDecoder replays the step from a CUDA graph."""
-        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths)
-        ends = (text_start + lengths).tolist()                                      # each row's prompt length
-        if min(ends, default=1) == 0:
-            raise ValueError(f"MLMamba.generate: row {ends.index(0)} has neither an image nor any text to start from")
+        decoder: what allocates the cache, prefills it and takes each step (`allocate_cache`, `prefill`, `step`),
+        self.lm by default; generate.CUDAGraphDecoder replays them from CUDA graphs. encode_images: a stand-in for
+        self.encode_images, as `embed` takes it."""
+        embeds, text_start, lengths = self.embed(input_ids, pixel_values, has_image, lengths, encode_images)
+        ends = text_start + lengths                                                 # each row's prompt length
+        if not bool(ends.all()):
+            raise ValueError(f"MLMamba.generate: row {ends.tolist().index(0)} has neither an image nor any text to "
+                             f"start from")
         batch = len(ends)
         decoder = self.lm if decoder is None else decoder
         cache = decoder.allocate_cache(batch)
-        logits = []
-        for i, end in enumerate(ends):
-            row = Mamba2Cache(cache.conv_state[:, i:i + 1], cache.ssm_state[:, i:i + 1])   # views into `cache`
-            logits.append(self.lm(inputs_embeds=embeds[i:i + 1, :end], cache=row)[:, -1])
-        logits = torch.cat(logits)                                      # (batch, padded_vocab)
+        logits = decoder.prefill(embeds, ends, cache)                   # (batch, padded_vocab)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)

@@ -174,16 +174,22 @@ def test_equals_model_generate_on_inputs_built_by_hand(run_dir, images):
 
 
 def test_generate_steps_through_the_given_decoder(run_dir, images):
-    """MLMamba.generate(decoder=) takes its cache and every step from the decoder (what the CUDA graph plugs into)."""
+    """MLMamba.generate(decoder=) takes its cache, the prefill and every step from the decoder (what the CUDA graphs
+    plug into)."""
     model, tokenizer = load(run_dir)
 
     class Counting:
         def __init__(self):
-            self.allocated, self.steps = [], 0
+            self.allocated, self.prefills, self.steps = [], 0, 0
 
         def allocate_cache(self, batch):
             self.allocated.append(model.lm.allocate_cache(batch))
             return self.allocated[-1]
+
+        def prefill(self, inputs_embeds, lengths, cache):
+            assert cache is self.allocated[-1] and self.steps == 0
+            self.prefills += 1
+            return model.lm.prefill(inputs_embeds, lengths, cache)
 
         def step(self, input_ids, cache):
             assert cache is self.allocated[-1]
@@ -195,7 +201,7 @@ def test_generate_steps_through_the_given_decoder(run_dir, images):
     decoder = Counting()
     got = model.generate(**batch, max_new_tokens=7, decoder=decoder)
     assert got == model.generate(**batch, max_new_tokens=7)
-    assert len(decoder.allocated) == 1 and decoder.steps == 6
+    assert len(decoder.allocated) == 1 and decoder.prefills == 1 and decoder.steps == 6
 
 
 def test_streamed_text_is_the_answer(run_dir, images):
@@ -358,7 +364,7 @@ def test_out_of_memory_gives_advice(run_dir, images, capsys, monkeypatch, error)
     def out_of_memory(*args, **kwargs):
         raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(Mamba2LM, "forward", out_of_memory)
+    monkeypatch.setattr(Mamba2LM, "prefill", out_of_memory)
     assert_one_line_error(capsys, ["--ckpt", str(run_dir), "--image", images[0], "--image", images[1], "--prompt",
                                    "What?", "--dtype", "fp32"],
                           "out of memory", "fewer images/prompts at once (this batch: 2)", "--dtype bf16",
@@ -396,20 +402,44 @@ def test_cuda_graph_replay_equals_eager_step(dtype):
                 expected = lm.step(tokens[:, step], eager)
                 assert torch.equal(decoder.step(tokens[:, step], graphed), expected), (batch, step)
             assert torch.equal(graphed.ssm_state, eager.ssm_state) and torch.equal(graphed.conv_state, eager.conv_state)
-    assert sorted(decoder.captured) == [1, 3]
+    assert sorted(decoder.caches) == [1, 3]
+
+
+@needs_cuda
+def test_cuda_graph_prefill_equals_eager_prefill():
+    """The prefill's graph gives the eager prefill's logits and cache on the same zero-padded inputs, one graph per
+    bucket of padded lengths; capturing it leaves the cache as it was."""
+    config = Mamba2Config(d_model=64, n_layer=3, vocab_size=101, d_state=32, headdim=16, chunk_size=32)
+    torch.manual_seed(0)
+    lm = randomise(Mamba2LM(config)).to("cuda", torch.bfloat16).eval()
+    decoder = CUDAGraphDecoder(lm)
+    bucket = generate.PREFILL_BUCKET
+    with torch.no_grad():
+        for seqlen, lengths in ((bucket + 6, [bucket + 6, 9]), (2 * bucket, [3, 2 * bucket]), (5, [5, 1])):
+            embeds = torch.randn(2, seqlen, 64, device="cuda", dtype=torch.bfloat16)
+            lengths = torch.tensor(lengths, device="cuda")
+            graphed, eager = decoder.allocate_cache(2), lm.allocate_cache(2)
+            got = decoder.prefill(embeds, lengths, graphed)
+            padded = torch.nn.functional.pad(embeds, (0, 0, 0, -seqlen % bucket))
+            assert torch.equal(got, lm.prefill(padded, lengths, eager)), seqlen
+            assert torch.equal(graphed.ssm_state, eager.ssm_state) and torch.equal(graphed.conv_state, eager.conv_state)
+    assert len(decoder.prefills[2].graphs) == 2                        # two buckets
 
 
 @needs_cuda
 def test_cuda_graph_generate_equals_eager_generate(run_dir, images):
-    """MLMamba.generate through the graph gives the eager tokens: bf16, a batch with and without an image."""
+    """MLMamba.generate through the graphs (vision tower, prefill, step) gives the eager tokens: bf16, a batch with
+    and without an image."""
     latest = run_dir / "latest"
     model = checkpoints.load_pretrained(latest, dtype=torch.bfloat16, device="cuda").eval()
     tokenizer = load_tokenizer(latest)
     batch = generate.make_batch(model, tokenizer, [generate.read_image(images[0]), None],
                                 [generate.encode_question(tokenizer, q) for q in QUESTIONS[:2]])
     eager = model.generate(**batch, max_new_tokens=16)
-    decoder = CUDAGraphDecoder(model.lm)
-    assert model.generate(**batch, max_new_tokens=16, decoder=decoder) == eager
-    assert model.generate(**batch, max_new_tokens=16, decoder=decoder) == eager        # the graph reused
+    decoder, encoder = CUDAGraphDecoder(model.lm), generate.CUDAGraphed(model.encode_images)
+    assert model.generate(**batch, max_new_tokens=16, decoder=decoder, encode_images=encoder) == eager
+    assert model.generate(**batch, max_new_tokens=16, decoder=decoder, encode_images=encoder) == eager   # reused
+    pixels = batch["pixel_values"]
+    assert torch.equal(encoder(pixels), model.encode_images(pixels))
     result = gen(run_dir, image=images[:1], prompt=QUESTIONS[:1], dtype="bf16", device="cuda")   # the CLI's path
     assert "CUDA graph" in result["log"] and result["tokens"]

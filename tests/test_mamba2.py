@@ -261,6 +261,36 @@ def test_prefill_in_pieces_matches_forward():
     torch.testing.assert_close(model(ids[:, :5], cache=cache), full[:, :5], rtol=1e-4, atol=1e-4)
 
 
+# into an empty cache or continuing one (through the references), and continuing one through the kernels
+@pytest.mark.parametrize("before,kernels", [(0, False), (6, False), (6, True)])
+@torch.no_grad()
+def test_prefill_of_padded_rows_equals_each_row_alone(before, kernels, monkeypatch):
+    """Mamba2LM.prefill with lengths: rows of different lengths, right-padded with other tokens, leave the cache (SSM
+    state and conv state, a row shorter than d_conv included) and give the logits of each row prefilled alone; the
+    steps after it agree too."""
+    monkeypatch.setattr(mlmamba, "_use_kernels", lambda t: kernels and t.dtype != torch.float64)
+    model = random_lm()
+    lengths = [23, 2, 17]
+    ids = torch.randint(0, 97, (3, before + 23), device=DEVICE)          # the padding: tokens that must not count
+    batched = model.allocate_cache(3)
+    if before:
+        model(ids[:, :before], cache=batched)
+    embeds = model.embedding(ids[:, before:])
+    # float32 rounding differs between the two ways (other chunk boundaries, other matmul shapes): errors are measured
+    # against each tensor's scale
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    got = model.prefill(embeds, torch.tensor(lengths, device=DEVICE), batched)
+    alone = [model.allocate_cache(1) for _ in lengths]
+    for row, n in enumerate(lengths):
+        close(got[row], model(ids[row:row + 1, :before + n], cache=alone[row])[0, -1])
+        close(batched.ssm_state[:, row:row + 1], alone[row].ssm_state)
+        close(batched.conv_state[:, row:row + 1], alone[row].conv_state)
+    next_ids = torch.tensor([5, 7, 11], device=DEVICE)
+    got = model.step(next_ids, batched)
+    for row, cache in enumerate(alone):
+        close(got[row], model.step(next_ids[row:row + 1], cache)[0])
+
+
 @torch.no_grad()
 def test_step_keeps_the_cache_tensors_in_place(path):
     """What CUDA-graph capture of step needs: the same storage before and after, only its contents change."""

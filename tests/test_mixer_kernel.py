@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, check_references_run_off_gpu
-from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_step, gated_rms_norm, gated_rms_norm_reference,
-                          rms_norm, rms_norm_reference)
+import mixer_kernel
+from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
+                          gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -105,10 +106,39 @@ def test_conv_step_equals_the_reference_from_a_full_state():
     weight, b = torch.randn(50, 1, 4, device=DEVICE), torch.randn(50, device=DEVICE)
     state_ref = state.clone()
     out = conv_step(x, state, weight, b)
-    torch.testing.assert_close(out, causal_conv1d_reference(x[:, None], weight, b, state_ref)[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, conv_step_reference(x, state_ref, weight, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="conv_state must be"):
         conv_step(x, state[..., :3], weight, b)
+
+
+@pytest.mark.parametrize("seqlen", [1, 3, 70])
+def test_conv_from_a_cache_state_equals_the_steps(seqlen):
+    """A prefill continuing a cache: the convolution from its conv state (the kernel's HAS_STATE path), and the state
+    after it (conv_state_after, each row stopping at its own length or not), against the conv step token by token in
+    float64."""
+    torch.manual_seed(seqlen)
+    batch, channels, d_conv = 3, 300, 4                                 # a partial channel block; 70: three L tiles
+    x = torch.randn(batch, seqlen, channels, device=DEVICE, dtype=torch.float64)
+    state = torch.randn(batch, channels, d_conv, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64)
+    b = torch.randn(channels, device=DEVICE, dtype=torch.float64)
+    states = [state.clone()]                                            # states[t]: after t tokens
+    steps = []
+    for t in range(seqlen):
+        states.append(states[-1].clone())
+        steps.append(conv_step_reference(x[:, t], states[-1], weight, b))
+    exact = torch.stack(steps, dim=1)
+    got = causal_conv1d(*(t.float() for t in (x, weight, b)), initial_state=state.float())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_conv1d_reference(x, weight, b, state), exact, rtol=1e-12, atol=1e-12)
+    assert torch.equal(conv_state_after(state, x), states[-1])
+    lengths = torch.tensor([seqlen, 0, seqlen // 2], device=DEVICE)
+    after = conv_state_after(state, x, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.equal(after[row], states[n][row]), row
+    with pytest.raises(ValueError, match="forward only"):
+        causal_conv1d(x.float().requires_grad_(), weight.float(), b.float(), initial_state=state.float())
 
 
 def test_cpu_tensors_without_the_interpreter_run_the_references():
@@ -191,3 +221,30 @@ def test_causal_conv1d(d_conv, bias, dtype):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
     with pytest.raises(ValueError, match="weight has shape"):
         causal_conv1d(proj[..., 9:], weight[:10], b)
+
+
+@pytest.mark.parametrize("per_pair,d_conv,dtype", [(1, 4, torch.float32), (2, 3, torch.float32),
+                                                   (2, 4, torch.bfloat16)], ids=str)
+def test_causal_conv1d_backward_walks_ranges_of_blocks(monkeypatch, per_pair, d_conv, dtype):
+    """The backward kernel with few programs, each walking several L-blocks and summing dw and dbias across them:
+    one range of 7 blocks per (batch, C-block), or ranges of 4 and 3 blocks (the last one shorter, ending in a partial
+    block); d_conv 3 pads the taps to 4. The input is a slice of a projection whose row stride is a multiple of 8, not
+    16 (as at the 130M shape, where x's rows load as vectors only through the kernel's X_ALIGN hint)."""
+    block = mixer_kernel._CONV_BWD_BLOCK_L
+    batch, seqlen, channels = 2, 6 * block + 3, 200                     # 7 L-blocks
+    pairs = batch * -(-channels // mixer_kernel._CONV_BWD_BLOCK_C)       # (batch, C-block) pairs, the last partial
+    monkeypatch.setattr(mixer_kernel, "_CONV_BWD_PROGRAMS", per_pair * pairs)
+    ranges, range_l = mixer_kernel._conv_bwd_ranges(batch, seqlen, channels)
+    assert (ranges, range_l) == ((1, 7 * block) if per_pair == 1 else (2, 4 * block))
+    torch.manual_seed(per_pair + d_conv)
+    proj = torch.randn(batch, seqlen, channels + 16, device=DEVICE, dtype=torch.float64)        # row stride 216
+    weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5
+    b = torch.randn(channels, device=DEVICE, dtype=torch.float64)
+    grad_out = torch.randn(batch, seqlen, channels, device=DEVICE, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (proj, weight, b)]
+    _, exact_grads = _grads(lambda p, w, b: causal_conv1d_reference(p[..., 16:], w, b), leaves, grad_out)
+    inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    _, grads = _grads(lambda p, w, b: causal_conv1d(p[..., 16:], w, b), inputs, grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for name, got, want in zip(("dinput", "dweight", "dbias"), grads, exact_grads):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
