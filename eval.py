@@ -96,7 +96,7 @@ class EvalConfig:
                                    "the checkpoint (in its out_dir), or out/eval.json if that is not writable")
     device: str = option("auto", "'cuda', 'cpu', ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "weights: 'bf16' or 'fp32'; auto: bf16 on a GPU, fp32 on a CPU")
-    cuda_graph: bool = option(True, "on a GPU, replay the per-token step from a CUDA graph")
+    cuda_graph: bool = option(True, "on a GPU, replay the prefill and the per-token step from CUDA graphs")
 
 
 @dataclass

@@ -263,8 +263,10 @@ class CUDAGraphed:
     qualifies if it has fixed shapes for fixed input shapes, no host synchronisation and no data-dependent Python
     branches; what it updates in place (a cache) must keep its address."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, pool=None):
+        """pool: a memory pool (torch.cuda.graph_pool_handle()) shared with other graphs, for graphs that never run
+        at the same time and whose outputs are read before any of them replays again; by default, one per graph."""
+        self.fn, self.pool = fn, pool
         self.graphs = {}                    # input signature -> (graph, input buffers, outputs)
 
     @staticmethod
@@ -276,8 +278,8 @@ class CUDAGraphed:
 
     @torch.no_grad()
     def capture(self, *args):
-        """Records fn for inputs shaped as args. It runs fn four times, three to warm up and one recorded: whatever
-        fn updates in place is changed by them."""
+        """Records fn for inputs shaped as args, after three runs to warm up: whatever fn updates in place is changed
+        by those (the recording itself runs nothing)."""
         inputs = [a.clone() for a in args]
         # Warm up on a side stream, as torch.cuda.graphs' documentation asks: Triton compiles its kernels, cuBLAS and
         # cuDNN pick theirs and allocate workspaces; none of that may happen during the capture.
@@ -288,7 +290,7 @@ class CUDAGraphed:
                 self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):                       # records the kernels; nothing runs
+        with torch.cuda.graph(graph, pool=self.pool):       # records the kernels; nothing runs
             outputs = self.fn(*inputs)
         self.graphs[self._signature(args)] = (graph, inputs, outputs)
 
@@ -318,11 +320,14 @@ class CUDAGraphDecoder:
     a cache updated in place, no host synchronisation and no data-dependent Python branches. Sampling stays outside.
 
     Stands in for the LM in `MLMamba.generate(decoder=...)`: the same `allocate_cache`, `prefill` and `step`. One
-    generation at a time per batch size: the cache and the logits are the graphs' own buffers."""
+    generation at a time: the cache and the logits are the graphs' own buffers, and the logits returned are valid
+    until the next replay. That lets all the graphs share one memory pool, so that each new prompt-length bucket
+    costs the memory of the largest prefill, not one more."""
 
     def __init__(self, lm):
         self.lm = lm
         self.caches, self.steps, self.prefills = {}, {}, {}     # batch size -> its cache, step and prefill graphs
+        self.pool = None
 
     def allocate_cache(self, batch):
         """The graphs' cache for this batch size (the step captured now if new), emptied: zeros, the state before
@@ -334,9 +339,11 @@ class CUDAGraphDecoder:
     def capture(self, batch):
         """This batch size's cache, and its step's graph, captured on first use."""
         if batch not in self.caches:
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
             cache = self.caches[batch] = self.lm.allocate_cache(batch)
-            self.steps[batch] = CUDAGraphed(lambda input_ids: self.lm.step(input_ids, cache))
-            self.prefills[batch] = CUDAGraphed(lambda embeds, lengths: self.lm.prefill(embeds, lengths, cache))
+            self.steps[batch] = CUDAGraphed(lambda input_ids: self.lm.step(input_ids, cache), self.pool)
+            self.prefills[batch] = CUDAGraphed(lambda embeds, lengths: self.lm.prefill(embeds, lengths, cache),
+                                               self.pool)
             self.steps[batch].capture(torch.zeros(batch, dtype=torch.long, device=cache.ssm_state.device))
         return self.caches[batch]
 
@@ -347,7 +354,7 @@ class CUDAGraphDecoder:
     def step(self, input_ids, cache):
         """As `Mamba2LM.step`, by replaying the graph: the logits returned are overwritten by the next step."""
         self._check(input_ids.shape[0], cache)
-        return self.steps[input_ids.shape[0]](input_ids)
+        return self.steps[input_ids.shape[0]](input_ids.long())       # the captured dtype: no new capture mid-answer
 
     def prefill(self, inputs_embeds, lengths, cache):
         """As `Mamba2LM.prefill`, by replaying the graph of the prompt's bucket (captured now if new); the padding up

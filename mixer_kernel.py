@@ -74,13 +74,13 @@ def conv_state_after(conv_state, xBC, lengths=None):
     """The conv state once xBC (batch, seqlen, channels) has followed conv_state (batch, channels, d_conv): the last
     d_conv inputs, (batch, channels, d_conv) in conv_state's dtype. With lengths (batch,), values in 0..seqlen, row b
     stops after its first lengths[b] inputs (the rest is padding)."""
-    d_conv = conv_state.shape[-1]
-    # window[..., j] is the input at time j - d_conv: the old state first, then the new inputs
-    window = torch.cat([conv_state, rearrange(xBC, "b l c -> b c l").to(conv_state.dtype)], dim=-1)
-    if lengths is None:
-        return window[..., -d_conv:]
-    index = lengths[:, None, None] + torch.arange(d_conv, device=xBC.device)     # times lengths - d_conv .. lengths - 1
-    return window.gather(-1, index.expand(-1, window.shape[1], -1))
+    (batch, seqlen, channels), d_conv = xBC.shape, conv_state.shape[-1]
+    ends = lengths if lengths is not None else torch.full((batch,), seqlen, device=xBC.device)
+    t = ends[:, None] + torch.arange(-d_conv, 0, device=xBC.device)         # (batch, d_conv): the times kept
+    # t ≥ 0 from xBC, t < 0 from the old state, whose column j holds time j - d_conv (only those d_conv are read)
+    new = xBC.gather(1, t.clamp(min=0)[..., None].expand(-1, -1, channels))           # (batch, d_conv, channels)
+    old = conv_state.gather(-1, (t + d_conv).clamp(max=d_conv - 1)[:, None].expand(-1, channels, -1))
+    return torch.where(t[:, None] < 0, old, rearrange(new, "b k c -> b c k").to(conv_state.dtype))
 
 
 def conv_step_reference(x, conv_state, weight, bias=None):
@@ -466,8 +466,8 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d(xBC, weight, bias=None, initial_state=None):
     """As causal_conv1d_reference: one kernel forward, one backward. xBC (batch, seqlen, channels) may be a strided
     view (a slice of in_proj's output) if contiguous in channels; weight (channels, 1, d_conv). Returns (batch,
-    seqlen, channels), contiguous, in xBC's dtype. With an initial_state (a cache's conv state, for a prefill) it is
-    forward only."""
+    seqlen, channels), contiguous, in xBC's dtype. With an initial_state (a cache's conv state, for a prefill) the
+    kernel is forward only (the reference that runs off a GPU is differentiable)."""
     batch, seqlen, channels = xBC.shape
     if weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(f"causal_conv1d: weight has shape {tuple(weight.shape)}, expected ({channels}, 1, d_conv)")
