@@ -540,6 +540,16 @@ def data_with_bad_images(tmp_path):
             "--save_every", 3]
 
 
+def test_the_held_out_table_gives_each_question_type_against_its_chance():
+    result = dict(accuracy=0.5, baseline=0.375, n=4, types={"colour": dict(accuracy=1.0, baseline=0.25, n=2),
+                                                          "shape": dict(accuracy=0.0, baseline=0.5, n=2)})
+    lines = train.type_table(result).splitlines()
+    assert [line.split() for line in lines] == [["question", "type", "accuracy", "chance", "records"],
+                                                ["colour", "100.0%", "25.0%", "2"], ["shape", "0.0%", "50.0%", "2"],
+                                                ["all", "50.0%", "37.5%", "4"]]
+    assert train.type_table(dict(result, types={})) == ""              # records without question types
+
+
 def test_bad_images_are_counted_and_skipped(tmp_path, data_with_bad_images, capsys):
     result = tiny_run(tmp_path / "out", *data_with_bad_images)
     output = capsys.readouterr().out
