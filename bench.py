@@ -315,6 +315,20 @@ def wall_ms(fn, reps):
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def profiled(fn, n, cpu=False):
+    """torch.profiler's per-op averages over n calls of fn (after the caller's warm-up), and the GPU's busy ms per
+    call: the sum of the kernels' own times, which against the wall time shows how long the GPU waited for the host."""
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu else [])
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return events, busy / n / 1e3
+
+
 def lm_config(quick):
     from mlmamba import Mamba2Config
     # mamba2-2.7b: d_model 2560, 64 layers, vocab 50277 padded to 50288
@@ -475,16 +489,10 @@ def profile_decode(args, bw):
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     for _ in range(10):
         decoder.step(token, cache)
-    torch.cuda.synchronize()
     n = 20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            decoder.step(token, cache)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
+    events, busy = profiled(lambda: decoder.step(token, cache), n)
     print(f"[profile_decode] 2.7B shape ({config.n_layer} layers), batch 1, {n} replays")
     print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
     ms = wall_ms(lambda: decoder.step(token, cache), 100)
     return [Row("profile", "decode step (CUDA graph), wall ms", ms,
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
@@ -505,18 +513,10 @@ def profile_prefill(args, bw):
     rows, n = [], 3
     for name, fn in parts.items():
         fn()
-        torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
+        events, busy = profiled(fn, n, cpu=True)
         print(f"[profile_prefill] {name}, {n} calls")
         print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
-        busy = sum(e.self_device_time_total for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
         ms = wall_ms(fn, 5)
         rows.append(Row("profile", f"{name}, wall ms", ms, f"GPU busy {busy:.2f} ms ({busy / ms:.0%})"))
     return rows
@@ -793,17 +793,11 @@ def profile_train(args, bw):
     step = lm_train_step(model, ours_loss, ids, labels)
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
     n = 3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
+    events, busy = profiled(step, n)
     shape = f"130M {n_layer}L b{batch}x{seqlen}"
     print(f"[profile_train] ours, LM {shape}; {n} steps")
     print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
     ms = wall_ms(step, 5)
     return [Row("profile", f"LM {shape} ours fwd+bwd, wall ms", ms,
                 f"GPU busy {busy:.1f} ms per step ({busy / ms:.0%})")]

@@ -153,7 +153,8 @@ class Mamba2Mixer(nn.Module):
         wide = torch.promote_types(dt.dtype, torch.float32)
         delta = F.softplus(dt.to(wide) + self.dt_bias.to(wide))
         if lengths is not None:
-            # Δ = 0 on the padding: h_t = h_{t-1} there (no decay, no input), so the final state is each row's own
+            # Δ = 0 on the padding: h_t = exp(0·A) h_{t-1} + 0 = h_{t-1} there (SSD §3's recurrence), so the final
+            # state is each row's own
             delta = delta * (torch.arange(u.shape[1], device=u.device) < lengths[:, None])[..., None]
         A = -torch.exp(self.A_log.float())                          # (nheads,), A < 0
         scan = ssd_scan if _use_kernels(u) else ssd_reference
