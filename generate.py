@@ -314,9 +314,9 @@ class CUDAGraphDecoder:
     """`Mamba2LM.prefill` and `Mamba2LM.step` replayed from CUDA graphs (`CUDAGraphed`): the step captured once per
     batch size, the prefill once per batch size and prompt length rounded up to PREFILL_BUCKET.
 
-    At batch 1 a token is two matrix-vector products and four small kernels per layer (mixer_kernel.py, ssd_step),
-    and from Python the GPU mostly waits for the launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the
-    earlier ~31 kernels per layer, 3% of the memory floor). `step` and `prefill` qualify for capture: fixed shapes,
+    At batch 1 a token is three kernels per layer (`Mamba2Block.step_`), and from Python the GPU mostly waits for the
+    launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the earlier ~31 kernels per layer, 3% of the memory
+    floor). `step` and `prefill` qualify for capture: fixed shapes,
     a cache updated in place, no host synchronisation and no data-dependent Python branches. Sampling stays outside.
 
     Stands in for the LM in `MLMamba.generate(decoder=...)`: the same `allocate_cache`, `prefill` and `step`. One

@@ -28,7 +28,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
-                          gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference)
+                          gated_norm_out_proj, gated_rms_norm, gated_rms_norm_reference, norm_in_proj_conv, rms_norm,
+                          rms_norm_reference)
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import RESIZE_STRATEGIES, Block, FusedVisionEncoder, VisionConfig, VisionEncoder
@@ -170,22 +171,28 @@ class Mamba2Mixer(nn.Module):
         recurrence, one step).
 
         On a GPU without autograd, one kernel each for the conv, the SSM step and the gated norm, around in_proj and
-        out_proj: at batch 1 the launches, not the arithmetic, set the time per token. With autograd, the references,
-        which it differentiates."""
+        out_proj (generation fuses further: `Mamba2Block.step_`). With autograd, the references, which it
+        differentiates."""
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
         step = conv_step if _inference_kernels(u) else conv_step_reference
         xBC = step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)          # (batch, conv_dim)
+        return self.out_proj(self.norm(self.ssm_step(xBC, dt, ssm_h), z))
+
+    def ssm_step(self, xBC, dt, ssm_h):
+        """y (batch, d_inner) of one token from the conv's output xBC (batch, conv_dim) and in_proj's dt (batch,
+        nheads); ssm_h advances in place."""
+        c = self.config
         x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         # x (batch, nheads, headdim); B, C (batch, ngroups, dstate)
         x = rearrange(x, "b (h p) -> b h p", p=c.headdim)
         B = rearrange(B, "b (g n) -> b g n", g=c.ngroups)
         C = rearrange(C, "b (g n) -> b g n", g=c.ngroups)
-        step = ssd_step if _inference_kernels(u) else ssd_step_reference
+        step = ssd_step if _inference_kernels(xBC) else ssd_step_reference
         # Δ = softplus(dt + dt_bias) as in forward, but computed inside ssd_step's kernel: one launch fewer per layer
         # and token, which is what a decoding step's time is made of
         y = step(ssm_h, x, dt, None, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, A_log=self.A_log)
-        return self.out_proj(self.norm(rearrange(y, "b h p -> b (h p)"), z))
+        return rearrange(y, "b h p -> b (h p)")
 
 
 class GatedRMSNorm(nn.Module):
@@ -221,8 +228,8 @@ def _use_kernels(t):
 
 
 def _inference_kernels(t):
-    """The decoding step's forward-only kernels (conv_step, ssd_step, the fused add + norm): on a GPU when autograd is
-    off (generation, evaluation)."""
+    """The decoding step's forward-only kernels (conv_step, ssd_step, the projections fused with their norms): on a
+    GPU when autograd is off (generation, evaluation)."""
     return _use_kernels(t) and not torch.is_grad_enabled()
 
 
@@ -243,13 +250,6 @@ class RMSNorm(nn.Module):
         return norm(x, self.weight, self.eps)
 
 
-def add_rms_norm(h, out, norm):
-    """(norm(s), s) for s = h + out rounded once to h's dtype: a block's residual add and the next RMSNorm as one
-    kernel, mixer_kernel's `rms_norm` with a residual (mamba_ssm's fused add + norm). The same numbers as
-    `norm(h + out)` with the sum in h's dtype; forward only, for `Mamba2LM._decode_step`."""
-    return rms_norm(out, norm.weight, norm.eps, residual=h)
-
-
 class Mamba2Block(nn.Module):
     """Pre-norm residual block, as mamba_ssm's `Block`: h ← h + Mixer(RMSNorm(h))."""
 
@@ -263,6 +263,18 @@ class Mamba2Block(nn.Module):
         the mixer's, as Mamba2Mixer.forward takes them. The sum keeps h's dtype (float32 with residual_in_fp32),
         rounded once, as mamba_ssm's fused add + norm keeps its residual."""
         return (h + self.mixer(self.norm(h), conv_state, ssm_h, lengths)).to(h.dtype)
+
+    def step_(self, h, conv_state, ssm_h):
+        """h ← h + mixer(norm(h)) for one token, in place: h (batch, d_model) the residual stream, conv_state and
+        ssm_h advanced as by Mamba2Mixer.step. On a GPU without autograd (generation), three kernels: the norm and
+        the conv step ride along with in_proj, the gated norm and the residual add with out_proj (mixer_kernel.py
+        §3), ssd_step between them."""
+        m, c = self.mixer, self.mixer.config
+        p = norm_in_proj_conv(h, self.norm.weight, self.norm.eps, m.in_proj, conv_state, m.conv1d.weight,
+                              m.conv1d.bias, conv_start=c.d_inner)                 # [z, SiLU(conv(xBC)), dt]
+        z, xBC, dt = torch.split(p, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        return gated_norm_out_proj(m.ssm_step(xBC, dt, ssm_h), z, m.norm.weight, m.norm.group_size, m.norm.eps,
+                                   m.out_proj, h)
 
 
 @dataclass
@@ -375,17 +387,17 @@ class Mamba2LM(nn.Module):
         return self(input_ids[:, None], cache=cache)[:, 0]
 
     def _decode_step(self, input_ids, cache):
-        """`step` on a GPU: forward's arithmetic for one token, with each block's residual add fused into the norm
-        that reads its result (`add_rms_norm`: one kernel where forward launches two). At batch 1 a token costs a
-        few small kernels per layer, and their launches, not their arithmetic, set its time."""
+        """`step` on a GPU: forward's arithmetic for one token. At batch 1 three kernels per block
+        (`Mamba2Block.step_`): a token reads every weight once, and the launches between those reads are what the
+        fused kernels save."""
         _check_cache(cache, input_ids.shape[0])
-        h = self.embedding(input_ids).to(self._stream_dtype)            # (batch, d_model)
-        normed = self.layers[0].norm(h)
+        h = self.embedding(input_ids).to(self._stream_dtype)            # (batch, d_model), the residual stream
         for i, layer in enumerate(self.layers):
-            out = layer.mixer.step(normed, cache.conv_state[i], cache.ssm_state[i])
-            next_norm = self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f
-            normed, h = add_rms_norm(h, out, next_norm)             # h ← h + out, and next_norm(h)
-        return F.linear(normed, self._head)
+            if h.shape[0] == 1:
+                layer.step_(h, cache.conv_state[i], cache.ssm_state[i])
+            else:   # cuBLAS's matrix products read the weights once for all rows; the fused kernels, once per row
+                h = layer(h[:, None], cache.conv_state[i], cache.ssm_state[i])[:, 0]
+        return F.linear(self.norm_f(h), self._head)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, eos_id=None):

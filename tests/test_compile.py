@@ -157,15 +157,22 @@ def ssd_step_decode_bf16():
 
 @scenario()
 def mixer_decode_bf16():
-    """The mixer's decode kernels at Mamba-2 2.7B's sizes (d_model 2560, d_inner 5120, conv_dim 5376, d_conv 4), a
-    bfloat16 model: the add + RMSNorm with the float32 residual stream, the first block's plain RMSNorm, the gated
-    RMSNorm of y and the z slice of in_proj's output, and the conv step on its xBC slice."""
-    from mixer_kernel import conv_step, gated_rms_norm, rms_norm
+    """The decoding step's kernels at Mamba-2 2.7B's sizes (d_model 2560, d_inner 5120, conv_dim 5376, d_conv 4,
+    in_proj 10576 x 2560), a bfloat16 model with the float32 residual stream, batch 1: in_proj with the RMSNorm and
+    the conv step, out_proj with the gated RMSNorm and the residual add; the final RMSNorm; and the eager step's
+    conv step and gated RMSNorm."""
+    from types import SimpleNamespace
+    from mixer_kernel import conv_step, gated_norm_out_proj, gated_rms_norm, norm_in_proj_conv, rms_norm
     bf16 = torch.bfloat16
-    zxbcdt = torch.randn(2, 2 * 5120 + 2 * 128 + 80, dtype=bf16)                 # in_proj's output: z, xBC, dt
-    hidden, weight = torch.randn(2, 1, 2560, dtype=bf16), torch.randn(2560, dtype=bf16)
-    rms_norm(hidden, weight, 1e-5, residual=torch.randn(2, 1, 2560))
-    rms_norm(hidden.float(), weight, 1e-5)                                         # the first block's, float32 in
+    in_proj = SimpleNamespace(weight=torch.empty(10576, 2560, dtype=bf16), bias=None)
+    out_proj = SimpleNamespace(weight=torch.empty(2560, 5120, dtype=bf16), bias=None)
+    h = torch.randn(1, 2560)
+    zxbcdt = norm_in_proj_conv(h, torch.randn(2560, dtype=bf16), 1e-5, in_proj, torch.randn(1, 5376, 4, dtype=bf16),
+                               torch.randn(5376, 1, 4, dtype=bf16), torch.randn(5376, dtype=bf16), conv_start=5120)
+    gated_norm_out_proj(torch.randn(1, 5120, dtype=bf16), zxbcdt[:, :5120], torch.randn(5120, dtype=bf16), 5120, 1e-5,
+                        out_proj, h)
+    zxbcdt = torch.randn(2, 10576, dtype=bf16)
+    rms_norm(torch.randn(2, 2560), torch.randn(2560, dtype=bf16), 1e-5)
     gated_rms_norm(torch.randn(2, 5120, dtype=bf16), zxbcdt[:, :5120], torch.randn(5120, dtype=bf16), 5120, 1e-5)
     conv_step(zxbcdt[:, 5120:10496], torch.randn(2, 5376, 4, dtype=bf16), torch.randn(5376, 1, 4, dtype=bf16),
               torch.randn(5376, dtype=bf16))
