@@ -555,7 +555,7 @@ def _norm_in_proj_conv_kernel(
     h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
     N, K, conv_start, conv_dim, eps,
     stride_h, stride_s_b, stride_s_c, stride_out,
-    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """p = RMSNorm(h) Wᵀ + bias for BLOCK_N output channels of one row (W (N, K), in_proj's weight), as
@@ -573,9 +573,12 @@ def _norm_in_proj_conv_kernel(
         in_k = offs_k < K
         h = tl.load(h_ptr + row * stride_h + offs_k, mask=in_k, other=0.0).to(tl.float32)
         squares += h * h
-        u = (h * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32))
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0)
-        products += w.to(tl.float32) * u.to(w.dtype).to(tl.float32)[None, :]
+        # h ⊙ norm_w stays float32: the reference rounds the normalised input to the weight's dtype, but unscaled
+        # values of the residual stream could overflow float16
+        u = h * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=in_n[:, None] & in_k[None, :],
+                    other=0.0)
+        products += w.to(tl.float32) * u[None, :]
     acc = tl.sum(products, axis=1) / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
@@ -583,13 +586,16 @@ def _norm_in_proj_conv_kernel(
     if (pid_n * BLOCK_N < conv_start + conv_dim) & (pid_n * BLOCK_N + BLOCK_N > conv_start):
         c = offs_n - conv_start                                            # conv channel of each output channel
         is_conv = (c >= 0) & (c < conv_dim)
-        s_ptrs = state_ptr + row * stride_s_b + c * stride_s_c
-        conv = p.to(tl.float32) * tl.load(conv_w_ptr + c * D_CONV + D_CONV - 1, mask=is_conv, other=0.0)
-        for k in tl.static_range(D_CONV - 1):                             # shift the window left by one
-            older = tl.load(s_ptrs + k + 1, mask=is_conv, other=0.0)
-            tl.store(s_ptrs + k, older, mask=is_conv)
-            conv += older.to(tl.float32) * tl.load(conv_w_ptr + c * D_CONV + k, mask=is_conv, other=0.0)
-        tl.store(s_ptrs + D_CONV - 1, p.to(state_ptr.dtype.element_ty), mask=is_conv)
+        k = tl.arange(0, K_POW2)
+        in_window = is_conv[:, None] & (k[None, :] < D_CONV)
+        s_ptrs = state_ptr + row * stride_s_b + c[:, None] * stride_s_c + k[None, :]
+        older = tl.load(s_ptrs + 1, mask=is_conv[:, None] & (k[None, :] + 1 < D_CONV), other=0.0)
+        window = tl.where(k[None, :] == D_CONV - 1, p[:, None].to(older.dtype), older)     # (BLOCK_N, K_POW2)
+        conv = tl.sum(window.to(tl.float32) * tl.load(conv_w_ptr + c[:, None] * D_CONV + k[None, :], mask=in_window,
+                                                      other=0.0).to(tl.float32), axis=1)
+        # threads holding copies of the same state column: all read it before any overwrites it
+        tl.debug_barrier()
+        tl.store(s_ptrs, window, mask=in_window)
         if HAS_CONV_BIAS:
             conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
         p = tl.where(is_conv, (conv * tl.sigmoid(conv)).to(p.dtype), p)
@@ -622,9 +628,10 @@ def _gated_norm_out_proj_kernel(
             z = tl.load(z_ptr + row * stride_z + offs_k, mask=in_k, other=0.0).to(tl.float32)
             g = y * z * tl.sigmoid(z)
             squares += g * g
-            u = g * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0)
-            products += w.to(tl.float32) * u.to(w.dtype).to(tl.float32)[None, :]
+            u = g * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32)       # float32, as above
+            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
+                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            products += w.to(tl.float32) * u[None, :]
         acc += tl.sum(products, axis=1) / tl.sqrt(tl.sum(squares, axis=0) / group_size + eps)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
@@ -641,37 +648,46 @@ _IN_PROJ_TILE = (16, 256, 3, 4)
 _OUT_PROJ_TILE = (16, 512, 1, 8)
 
 
-def _check_decode_inputs(caller, h, norm_weight, linear):
-    if h.dim() != 2 or h.stride(-1) != 1:
-        raise ValueError(f"{caller}: h must be (batch, channels), contiguous in channels, got {tuple(h.shape)}")
-    if linear.weight.stride(-1) != 1 or linear.weight.stride(0) != linear.weight.shape[1]:
-        raise ValueError(f"{caller}: the projection's weight must be contiguous")
-    if tuple(norm_weight.shape) != (linear.weight.shape[1],):
-        raise ValueError(f"{caller}: the norm's weight has shape {tuple(norm_weight.shape)}, the projection takes "
-                         f"{linear.weight.shape[1]} channels")
+def _check_decode_inputs(caller, x, norm_weight, linear, *others):
+    """x is the projection's input: (batch, in_features), contiguous in channels."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, norm_weight, linear.weight, linear.bias, *others)):
+        raise ValueError(f"{caller}: forward only (decoding); under autograd use {caller}_reference")
+    in_features = linear.weight.shape[1]
+    if x.dim() != 2 or x.shape[1] != in_features or x.stride(-1) != 1:
+        raise ValueError(f"{caller}: the input must be (batch, {in_features}), contiguous in channels, got "
+                         f"{tuple(x.shape)}")
+    if not (linear.weight.is_contiguous() and norm_weight.is_contiguous()) or norm_weight.shape != (in_features,):
+        raise ValueError(f"{caller}: the projection's weight and the norm's weight ({in_features},) must be "
+                         f"contiguous; got {tuple(linear.weight.shape)} and {tuple(norm_weight.shape)}")
 
 
 @reference_off_gpu(norm_in_proj_conv_reference)
 def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias=None, conv_start=0):
-    """As norm_in_proj_conv_reference, one kernel (forward only): h (batch, d_model), contiguous; conv_state (batch,
-    conv_dim, d_conv), contiguous in d_conv."""
-    _check_decode_inputs("norm_in_proj_conv", h, norm_weight, in_proj)
+    """As norm_in_proj_conv_reference, one kernel (forward only): h (batch, d_model), contiguous in channels;
+    conv_state (batch, conv_dim, d_conv), contiguous in d_conv; conv_weight (conv_dim, 1, d_conv)."""
+    _check_decode_inputs("norm_in_proj_conv", h, norm_weight, in_proj, conv_weight, conv_bias)
     batch, K = h.shape
     N = in_proj.weight.shape[0]
+    if conv_state.dim() != 3 or conv_state.shape[0] != batch or conv_state.stride(-1) != 1:
+        raise ValueError(f"norm_in_proj_conv: conv_state must be ({batch}, conv_dim, d_conv), contiguous in d_conv; "
+                         f"got {tuple(conv_state.shape)}")
     conv_dim, d_conv = conv_state.shape[1:]
-    if conv_state.shape[0] != batch or conv_state.stride(-1) != 1 or conv_start + conv_dim > N:
-        raise ValueError(f"norm_in_proj_conv: conv_state must be ({batch}, channels, d_conv), contiguous in d_conv, "
-                         f"its channels within in_proj's {N} outputs from {conv_start}; got {tuple(conv_state.shape)}")
+    if not 0 <= conv_start <= N - conv_dim or conv_weight.numel() != conv_dim * d_conv or (
+            conv_bias is not None and conv_bias.shape != (conv_dim,)):
+        raise ValueError(f"norm_in_proj_conv: the conv's {conv_dim} channels must lie within in_proj's {N} outputs "
+                         f"(from conv_start {conv_start}), with weight ({conv_dim}, 1, {d_conv}) and bias "
+                         f"({conv_dim},); got {tuple(conv_weight.shape)} and "
+                         f"{tuple(conv_bias.shape) if conv_bias is not None else None}")
     out = torch.empty(batch, N, dtype=in_proj.weight.dtype, device=h.device)
     bn, bk, stages, warps = _IN_PROJ_TILE
-    bk = min(bk, next_pow2(K))
     bias = in_proj.bias
     _norm_in_proj_conv_kernel[(batch, cdiv(N, bn))](
         h, norm_weight, in_proj.weight, bias if bias is not None else h, conv_state,
         conv_weight.reshape(conv_dim, d_conv).contiguous(), conv_bias if conv_bias is not None else h, out,
         N, K, conv_start, conv_dim, eps, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, BLOCK_N=bn, BLOCK_K=bk,
-        STAGES=stages, num_warps=warps)
+        HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, K_POW2=next_pow2(d_conv),
+        BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, num_warps=warps)
     return out
 
 
@@ -679,19 +695,18 @@ def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, con
 def gated_norm_out_proj(y, z, norm_weight, group_size, eps, out_proj, h):
     """As gated_norm_out_proj_reference, one kernel (forward only): y, z (batch, d_inner), contiguous in channels
     (z may be a slice of in_proj's output); h (batch, d_model), contiguous, updated in place and returned."""
-    _check_decode_inputs("gated_norm_out_proj", h, norm_weight, out_proj)
+    _check_decode_inputs("gated_norm_out_proj", y, norm_weight, out_proj, z, h)
     batch, K = y.shape
-    if z.shape != y.shape or y.stride(-1) != 1 or z.stride(-1) != 1 or K % group_size:
-        raise ValueError(f"gated_norm_out_proj: y and z must be (batch, {K}), contiguous in channels, in groups of "
-                         f"{group_size}; got {tuple(y.shape)} and {tuple(z.shape)}")
+    if z.shape != y.shape or z.stride(-1) != 1 or group_size <= 0 or K % group_size:
+        raise ValueError(f"gated_norm_out_proj: z must be y's shape {tuple(y.shape)}, contiguous in channels, and "
+                         f"the {K} channels in groups of {group_size}; got z {tuple(z.shape)}")
     N = out_proj.weight.shape[0]
-    if tuple(h.shape) != (batch, N):
-        raise ValueError(f"gated_norm_out_proj: h has shape {tuple(h.shape)}, out_proj gives ({batch}, {N})")
+    if h.shape != (batch, N) or not h.is_contiguous():
+        raise ValueError(f"gated_norm_out_proj: h must be ({batch}, {N}) and contiguous, got {tuple(h.shape)}")
     bn, bk, stages, warps = _OUT_PROJ_TILE
-    bk = min(bk, next_pow2(group_size))
     bias = out_proj.bias
     _gated_norm_out_proj_kernel[(batch, cdiv(N, bn))](
         y, z, norm_weight, out_proj.weight, bias if bias is not None else h, h, N, K, group_size, eps,
-        y.stride(0), z.stride(0), h.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-        num_warps=warps)
+        y.stride(0), z.stride(0), h.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn,
+        BLOCK_K=min(bk, next_pow2(group_size)), STAGES=stages, num_warps=warps)
     return h

@@ -171,7 +171,7 @@ class Mamba2Mixer(nn.Module):
         recurrence, one step).
 
         On a GPU without autograd, one kernel each for the conv, the SSM step and the gated norm, around in_proj and
-        out_proj (generation fuses further: `Mamba2Block.step_`). With autograd, the references, which it
+        out_proj (at batch 1 generation fuses further: `Mamba2Block.step_`). With autograd, the references, which it
         differentiates."""
         c = self.config
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
@@ -228,8 +228,8 @@ def _use_kernels(t):
 
 
 def _inference_kernels(t):
-    """The decoding step's forward-only kernels (conv_step, ssd_step, the projections fused with their norms): on a
-    GPU when autograd is off (generation, evaluation)."""
+    """The decoding step's forward-only kernels (conv_step and ssd_step; at batch 1 `Mamba2LM._decode_step`'s fused
+    projections): on a GPU when autograd is off (generation, evaluation)."""
     return _use_kernels(t) and not torch.is_grad_enabled()
 
 

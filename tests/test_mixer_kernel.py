@@ -25,23 +25,34 @@ def test_rms_norm(x_dtype, w_dtype, dim):
     torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
 
 
-# the interpreter's bfloat16 tl.dot is wrong (triton#11584): half precision there is float16
-HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-
-
 def _linear(n_in, n_out, bias, dtype):
     torch.manual_seed(n_in + n_out)
     return torch.nn.Linear(n_in, n_out, bias=bias).to(device=DEVICE, dtype=dtype)
 
 
+def _linear_as(lin, dtype):
+    """lin's copy in dtype (the float64 reference's)."""
+    copy = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=DEVICE, dtype=dtype)
+    copy.load_state_dict(lin.state_dict())
+    return copy
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 16 input channels, so that the loops over them run several times and end in a partial tile."""
+    monkeypatch.setattr(mixer_kernel, "_IN_PROJ_TILE", (16, 16, 2, 4))
+    monkeypatch.setattr(mixer_kernel, "_OUT_PROJ_TILE", (16, 16, 2, 4))
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
-def test_norm_in_proj_conv(batch, bias, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@torch.no_grad()
+def test_norm_in_proj_conv(batch, bias, dtype, small_tiles):
     """The decoding step's way into a block against the float64 reference: in_proj(RMSNorm(h)) with the conv step on
-    the xBC channels, and the conv state after it. 40 input channels and 203 outputs divide no tile; the xBC channels
-    start and end inside tiles; h is the float32 residual stream."""
-    d_model, conv_start, conv_dim, d_conv = 40, 72, 104, 4
+    the xBC channels, and the conv state after it. 40 input channels and 199 outputs divide no tile; the xBC channels
+    (72 to 172) start and end inside tiles; h is the float32 residual stream."""
+    d_model, conv_start, conv_dim, d_conv = 40, 72, 100, 4
     lin = _linear(d_model, conv_start + conv_dim + 27, bias, dtype)
     h = torch.randn(batch, d_model, device=DEVICE) * 3 + 1
     norm_w = (torch.rand(d_model, device=DEVICE) + 0.5).to(dtype)
@@ -59,17 +70,11 @@ def test_norm_in_proj_conv(batch, bias, dtype):
     torch.testing.assert_close(state.double(), state_exact, rtol=tol, atol=tol * state_exact.abs().max().item())
 
 
-def _linear_as(lin, dtype):
-    """lin's copy in dtype (the float64 reference's)."""
-    copy = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=DEVICE, dtype=dtype)
-    copy.load_state_dict(lin.state_dict())
-    return copy
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("ngroups,group_size", [(1, 72), (3, 24)])
-@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
-def test_gated_norm_out_proj(batch, ngroups, group_size, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@torch.no_grad()
+def test_gated_norm_out_proj(batch, ngroups, group_size, dtype, small_tiles):
     """The decoding step's way out of a block against the float64 reference: h + out_proj(RMSNorm(y ⊙ SiLU(z))) over
     groups, h updated in place; z a strided slice of a wider projection, as in_proj's output gives it."""
     d_inner, d_model = ngroups * group_size, 40
@@ -87,17 +92,27 @@ def test_gated_norm_out_proj(batch, ngroups, group_size, dtype):
 
 
 def test_fused_projections_say_what_is_wrong():
-    lin = _linear(40, 203, False, torch.float32)
-    h, w = torch.randn(2, 40, device=DEVICE), torch.ones(40, device=DEVICE)
-    with pytest.raises(ValueError, match="conv_state must be"):
-        norm_in_proj_conv(h, w, 1e-5, lin, torch.zeros(2, 104, 4, device=DEVICE), torch.ones(104, 1, 4, device=DEVICE), None, 150)
-    with pytest.raises(ValueError, match="norm's weight has shape"):
-        norm_in_proj_conv(h, w[:30], 1e-5, lin, torch.zeros(2, 104, 4, device=DEVICE), torch.ones(104, 1, 4, device=DEVICE))
-    out_proj, y = _linear(72, 40, False, torch.float32), torch.randn(2, 72, device=DEVICE)
-    with pytest.raises(ValueError, match="in groups of 25"):
-        gated_norm_out_proj(y, y, torch.ones(72, device=DEVICE), 25, 1e-5, out_proj, h)
-    with pytest.raises(ValueError, match="h has shape"):
-        gated_norm_out_proj(y, y, torch.ones(72, device=DEVICE), 24, 1e-5, out_proj, h[:, :30])
+    lin, out_proj = _linear(40, 199, False, torch.float32), _linear(72, 40, False, torch.float32)
+    h, w, y = torch.randn(2, 40, device=DEVICE), torch.ones(40, device=DEVICE), torch.randn(2, 72, device=DEVICE)
+    state, conv_w = torch.zeros(2, 100, 4, device=DEVICE), torch.ones(100, 1, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="forward only"):          # autograd is on, and lin's weight needs a gradient
+        norm_in_proj_conv(h, w, 1e-5, lin, state, conv_w)
+    into = [(dict(conv_start=150), "must lie within in_proj's 199 outputs"),   # (the arguments changed, the error)
+            (dict(conv_bias=torch.ones(99, device=DEVICE)), "must lie within"),
+            (dict(conv_state=state[:1]), "conv_state must be"),
+            (dict(h=h[:, :30]), "input must be"),
+            (dict(norm_weight=w[:30]), "norm's weight")]
+    out_of = [(dict(group_size=25), "in groups of 25"), (dict(group_size=0), "in groups of 0"),
+              (dict(h=h[:, :30]), "h must be"), (dict(y=y[:, :48], z=y[:, :48]), "input must be")]
+    with torch.no_grad():
+        for change, message in into:
+            with pytest.raises(ValueError, match=message):
+                norm_in_proj_conv(**{**dict(h=h, norm_weight=w, eps=1e-5, in_proj=lin, conv_state=state,
+                                            conv_weight=conv_w), **change})
+        for change, message in out_of:
+            with pytest.raises(ValueError, match=message):
+                gated_norm_out_proj(**{**dict(y=y, z=y, norm_weight=torch.ones(72, device=DEVICE), group_size=24,
+                                              eps=1e-5, out_proj=out_proj, h=h), **change})
 
 
 @pytest.mark.parametrize("ngroups,group_size", [(1, 24), (2, 24), (4, 100)])
