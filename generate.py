@@ -316,8 +316,8 @@ class CUDAGraphDecoder:
 
     At batch 1 a token is three kernels per layer (`Mamba2Block.step_`), and from Python the GPU mostly waits for the
     launches (BENCHMARKS.md: 54 ms/token at the 2.7B shape with the earlier ~31 kernels per layer, 3% of the memory
-    floor). `step` and `prefill` qualify for capture: fixed shapes,
-    a cache updated in place, no host synchronisation and no data-dependent Python branches. Sampling stays outside.
+    floor). `step` and `prefill` qualify for capture: fixed shapes, a cache updated in place, no host synchronisation
+    and no data-dependent Python branches. Sampling stays outside.
 
     Stands in for the LM in `MLMamba.generate(decoder=...)`: the same `allocate_cache`, `prefill` and `step`. One
     generation at a time: the cache and the logits are the graphs' own buffers, and the logits returned are valid

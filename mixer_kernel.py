@@ -542,7 +542,7 @@ def conv_step(x, conv_state, weight, bias=None):
 # norms and the conv step are small enough to ride along with the two projections that read the weights:
 #     norm_in_proj_conv     p = in_proj(RMSNorm(h)), the conv step on p's xBC channels
 #     ssd_step              (ssd_kernel.py) the SSM recurrence, one token
-#     gated_norm_out_proj   h ← h + out_proj(RMSNorm(y ⊙ SiLU(z)))
+#     gated_norm_out_proj   h ← h + out_proj(RMSNorm(y ⊙ SiLU(z)))    (the extra norm of SSD §7.1)
 # Each program computes BLOCK_N output channels of one row: a matrix-vector product, whose time is its weight bytes.
 # The norm's 1 / rms is one number per row (and group), so it factors out of the dot product: the loop over the input
 # channels sums the squares beside the products, and scales once at the end. Every program reads the whole (small)

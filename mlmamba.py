@@ -983,8 +983,8 @@ class MLMamba(nn.Module):
         `forward`): a list per row, ending with eos_id where the row produced it.
 
         The rows are prefilled together, each to its own length (`Mamba2LM.prefill`: the padding leaves the state
-        alone), then step together. temperature 0 is greedy; otherwise sampling as
-        `sample_next`, reproducible with seed. A row that has produced eos_id stops; generation ends when all have.
+        alone), then step together. temperature 0 is greedy; otherwise sampling as `sample_next`, reproducible with
+        seed. A row that has produced eos_id stops; generation ends when all have.
         callback(step, new_ids) gets each step's tokens (batch,), eos_id for the rows already finished.
         decoder: what allocates the cache, prefills it and takes each step (`allocate_cache`, `prefill`, `step`),
         self.lm by default; generate.CUDAGraphDecoder replays them from CUDA graphs. encode_images: a stand-in for
