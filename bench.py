@@ -827,7 +827,7 @@ def profile_ssd(args, bw):
     rows = []
     for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8)):
         run = lambda: _state_passing_kernel[(triton.cdiv(64 * 128, block), 4, 80)](
-            states, a_cumsum_end, final, final, states, final, 8, 64 * 128, *states.stride()[:3],
+            states, a_cumsum_end, final, final, states, states, final, 8, 64 * 128, *states.stride()[:3],
             *a_cumsum_end.stride(), final.stride(0), final.stride(1), HAS_INITIAL_STATE=False, REVERSE=False,
             BLOCK=block, num_warps=warps)
         ms = bench_ms(run)

@@ -212,10 +212,11 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. The chunked algorithm as Triton kernels
 #
-# The wrapper turns dt into Δ and a = Δ A with PyTorch, and the Function takes a_cumsum = cumsum(a) per chunk (tiny
-# tensors; autograd takes the gradient through softplus, bias, A and the cumsum). Δ and a are padded to whole chunks
-# with Δ = 0, so the kernels mask only x, B and C, and the padding neither decays nor feeds the state.
-#   forward:  cb = C Bᵀ per chunk and group, shared by the group's heads   (_chunk_cb_kernel)
+# Δ and a_cumsum = cumsum(Δ A) per chunk come from one small kernel, laid out (batch, nheads, nchunks, chunk) and
+# padded to whole chunks with Δ = 0, so the other kernels mask only x, B and C, and the padding neither decays nor
+# feeds the state. Their gradients go back to dt, dt_bias and A in PyTorch (_chunk_delta_backward).
+#   forward:  Δ and a_cumsum                                                (_chunk_delta_kernel)
+#             cb = C Bᵀ per chunk and group, shared by the group's heads   (_chunk_cb_kernel)
 #             step 2, chunk_states                                         (_chunk_state_kernel)
 #             step 3, state passing: chunk_states -> prev_states           (_state_passing_kernel)
 #             steps 1 + 4, the outputs                                     (_chunk_scan_fwd_kernel)
@@ -225,12 +226,68 @@ def ssd_reference(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softp
 #             _chunk_scan_bwd_dc_kernel).
 
 
-def _tuned(fn):
-    """Autotunes a kernel over warps and pipeline depth, once per (P, N), on a GPU; the interpreter runs one setting.
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) as torch's softplus (x above 20 passes through); log1p by Goldberg's trick, exact for e^x ≪ 1
+    u = tl.exp(tl.minimum(x, 20.0))                    # the branch above 20 is x itself; keeps inf/inf out
+    w = 1.0 + u
+    log1p = tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _chunk_delta_kernel(
+    dt_ptr, dt_bias_ptr, A_ptr, delta_ptr, a_cumsum_ptr,
+    seqlen, nheads,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Δ_t = softplus(dt_t + dt_bias) and a_cumsum_t = Σ_{s ≤ t in the chunk} Δ_s A for one chunk and a block of
+    heads, stored (batch, nheads, nchunks, chunk) with Δ = 0 past seqlen. Must match ssd_reference's Δ and
+    a_cumsum (its `delta`, `a` and `a_cumsum` lines)."""
+    pid_bc, pid_h = tl.program_id(0), tl.program_id(1)
+    nchunks = tl.cdiv(seqlen, CHUNK)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    offs_l, offs_h = tl.arange(0, CHUNK), pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_l, in_h = c * CHUNK + offs_l < seqlen, offs_h < nheads
+    # dt (CHUNK, BLOCK_H): a row of heads is contiguous in memory
+    dt = tl.load(dt_ptr + b.to(tl.int64) * stride_dt_b + (c * CHUNK + offs_l[:, None]) * stride_dt_l
+                 + offs_h[None, :] * stride_dt_h, mask=in_l[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)[None, :]
+    if DT_SOFTPLUS:
+        dt = _softplus(dt)
+    delta = tl.where(in_l[:, None], dt, 0.0)
+    A = tl.load(A_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)
+    a_cumsum = tl.cumsum(delta * A[None, :], axis=0)
+    out = ((b * nheads + offs_h[None, :]) * nchunks + c).to(tl.int64) * CHUNK + offs_l[:, None]
+    tl.store(delta_ptr + out, delta, mask=in_h[None, :])
+    tl.store(a_cumsum_ptr + out, a_cumsum, mask=in_h[None, :])
+
+
+class _Tuned(triton.runtime.KernelInterface):
+    """A kernel tuned over warps and pipeline depth once per (P, N, dtype) on a GPU (the interpreter runs one
+    setting), then launched with that pick directly: Triton's autotuner redoes its bookkeeping at every launch, about
+    50 µs of host time with these kernels' ~40 arguments (H200 host, Triton 3.6), longer than some of the kernels run.
     Only for kernels that just store their outputs, since tuning runs them several times."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return triton.autotune(configs[:1] if interpreted else configs, key=["P", "N"])(fn)
+
+    def __init__(self, fn):
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+        self.configs = configs[:1] if interpreted else configs
+        self.fn, self.tuner = fn, triton.autotune(self.configs, key=["P", "N"])(fn)
+        self.key_args = [fn.arg_names.index(name) for name in ("P", "N")]
+        self.picks = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key = (*(args[i] for i in self.key_args), args[0].dtype)
+        pick = self.picks.get(key)
+        if pick is None:
+            out = self.tuner.run(*args, grid=grid, warmup=warmup, **kwargs)
+            self.picks[key] = self.tuner.best_config
+            return out
+        return self.fn.run(*args, grid=grid, warmup=warmup, num_warps=pick.num_warps, num_stages=pick.num_stages,
+                           **kwargs)
 
 
 @triton.jit
@@ -267,6 +324,7 @@ def _chunk_cb_kernel(
     tl.store(cb_ptr + offs_m[:, None] * CHUNK + offs_k[None, :], acc)
 
 
+@_Tuned
 @triton.jit
 def _chunk_state_kernel(
     u_ptr, v_ptr, delta_ptr, a_cumsum_ptr, out_ptr,
@@ -320,21 +378,22 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_passing_kernel(
-    states_ptr, a_cumsum_end_ptr, initial_state_ptr, final_state_ptr, prev_states_ptr, da_carried_ptr,
+    states_ptr, a_cumsum_end_ptr, initial_state_ptr, final_state_ptr, out_ptr, prev_states_ptr, da_carried_ptr,
     nchunks, dim,
     stride_s_b, stride_s_c, stride_s_h,
     stride_a_b, stride_a_h, stride_a_c,
     stride_i_b, stride_i_h,
     HAS_INITIAL_STATE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The linear recurrence across chunks, in place, on one block of one head's flattened (P, N) state:
+    """The linear recurrence across chunks on one block of one head's flattened (P, N) state:
     h ← exp(a_cumsum_end_c) h + u_c, with a_cumsum_end_c = Σ a over chunk c.
 
-    On entry states[c] holds u_c, on exit the h that entered chunk c; h starts from initial_state (or 0) and
-    final_state gets the last h. Forward: u_c = chunk_states[c], which become prev_states (must match ssd_reference
-    step 3). REVERSE walks the chunks backwards through the gradients: h stands for ∂ℓ/∂h, from ∂ℓ/∂final_state (in
-    initial_state) to ∂ℓ/∂initial_state (in final_state), and u_c = dprev_states[c], the gradient through step 4,
-    which become dchunk_states (∂ℓ/∂h_c). The kernel then also writes this block's share of
+    states[c] holds u_c; out[c] (states itself, in place, or a 16-bit copy with the same strides) gets the h that
+    entered chunk c; h starts from initial_state (or 0) and final_state gets the last h. Forward: u_c =
+    chunk_states[c], and out holds prev_states (must match ssd_reference step 3). REVERSE walks the chunks backwards
+    through the gradients, in place: h stands for ∂ℓ/∂h, from ∂ℓ/∂final_state (in initial_state) to
+    ∂ℓ/∂initial_state (in final_state), and u_c = dprev_states[c], the gradient through step 4, which become
+    dchunk_states (∂ℓ/∂h_c). The kernel then also writes this block's share of
     exp(a_cumsum_end_c) ⟨∂ℓ/∂h_c, prev_states[c]⟩, the gradient of the decay that step 3 applies to the state
     carried through chunk c, to da_carried[b, head, c, block]."""
     pid, b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -353,7 +412,7 @@ def _state_passing_kernel(
         u_next = tl.load(states_ptr + s_off + (c - 1 if REVERSE else c + 1) * stride_s_c,
                          mask=offs < tl.where(i + 1 < nchunks, dim, 0), other=0.0)
         chunk_decay = tl.exp(tl.load(a_cumsum_end_ptr + c * stride_a_c))
-        tl.store(states_ptr + s_off + c * stride_s_c, h, mask=mask)
+        tl.store(out_ptr + s_off + c * stride_s_c, h.to(out_ptr.dtype.element_ty), mask=mask)
         if REVERSE:
             carried = chunk_decay * tl.load(prev_states_ptr + s_off + c * stride_s_c, mask=mask, other=0.0)
             tl.store(da_carried_ptr + ((b * tl.num_programs(2) + pid_h) * nchunks + c) * tl.num_programs(0) + pid,
@@ -363,7 +422,7 @@ def _state_passing_kernel(
     tl.store(final_state_ptr + b.to(tl.int64) * stride_i_b + pid_h * stride_i_h + offs, h, mask=mask)
 
 
-@_tuned
+@_Tuned
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, delta_ptr, a_cumsum_ptr, C_ptr, cb_ptr, prev_states_ptr, D_ptr, y_ptr,
@@ -436,7 +495,7 @@ def _chunk_scan_fwd_kernel(
              mask=in_m[:, None] & in_p[None, :])
 
 
-@_tuned
+@_Tuned
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, delta_ptr, a_cumsum_ptr, B_ptr, cb_ptr, dy_ptr, dchunk_states_ptr, D_ptr,
@@ -540,7 +599,7 @@ def _head_slice(pid_gs, heads_per_group, heads_per_program):
     return g, j, head_first, tl.minimum(head_first + heads_per_program, (g + 1) * heads_per_group)
 
 
-@_tuned
+@_Tuned
 @triton.jit
 def _chunk_scan_bwd_db_kernel(
     x_ptr, delta_ptr, a_cumsum_ptr, C_ptr, dy_ptr, dchunk_states_ptr, dB_ptr,
@@ -617,7 +676,7 @@ def _chunk_scan_bwd_db_kernel(
     tl.store(dB_ptr + offs_m[:, None] * stride_dbc_l + offs_n[None, :], dB, mask=in_m[:, None] & in_n[None, :])
 
 
-@_tuned
+@_Tuned
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     x_ptr, delta_ptr, a_cumsum_ptr, B_ptr, C_ptr, dy_ptr, prev_states_ptr, dC_ptr, da_out_ptr,
@@ -734,7 +793,7 @@ def _chunk_state(u, v, delta, a_cumsum, to_end):
     N = v.shape[-1]
     nchunks, chunk = delta.shape[2], delta.shape[3]
     out = torch.empty(batch, nchunks, nheads, P, N, device=u.device, dtype=torch.float32)
-    block_p, block_n = min(64, _pow2(P)), min(64, _pow2(N))
+    block_p, block_n = min(64, _pow2(P)), min(128, _pow2(N))       # all of dstate at once: x is read once
     grid = (cdiv(P, block_p) * cdiv(N, block_n), batch * nchunks, nheads)
     _chunk_state_kernel[grid](
         u, v, delta, a_cumsum, out, seqlen, nheads // v.shape[2], P, N,
@@ -744,11 +803,36 @@ def _chunk_state(u, v, delta, a_cumsum, to_end):
     return out
 
 
-def _state_passing(states, a_cumsum, initial_state, prev_states=None):
-    """Runs step 3's recurrence in place on `states` (see _state_passing_kernel): chunk_states become prev_states,
-    and the final state is returned.
+def _chunk_delta(dt, dt_bias, A, dt_softplus, chunk):
+    """Δ and a_cumsum, each (batch, nheads, nchunks, chunk) float32; see _chunk_delta_kernel."""
+    batch, seqlen, nheads = dt.shape
+    nchunks = cdiv(seqlen, chunk)
+    delta = torch.empty(batch, nheads, nchunks, chunk, device=dt.device, dtype=torch.float32)
+    a_cumsum = torch.empty_like(delta)
+    block_h = min(8, next_pow2(nheads))
+    _chunk_delta_kernel[(batch * nchunks, cdiv(nheads, block_h))](
+        dt, dt_bias if dt_bias is not None else A, A, delta, a_cumsum, seqlen, nheads, *dt.stride(),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, CHUNK=chunk, BLOCK_H=block_h)
+    return delta, a_cumsum
 
-    With prev_states (the forward pass's) it runs backwards: `states` holds dprev_states, which become
+
+def _chunk_delta_backward(ddelta, da, delta, dt, dt_bias, A, dt_softplus):
+    """∂ℓ/∂dt, ∂ℓ/∂A and ∂ℓ/∂dt_bias from ∂ℓ/∂Δ and ∂ℓ/∂a, (batch, nheads, nchunks, chunk), through a = Δ A and
+    Δ = softplus(dt + dt_bias): the chain rule of _chunk_delta_kernel, in PyTorch (small tensors)."""
+    dA = (da * delta).sum((0, 2, 3))
+    ddt = rearrange(ddelta + da * A.float()[:, None, None], "b h c l -> b (c l) h")[:, :dt.shape[1]]
+    if dt_softplus:                                  # softplus' = sigmoid, and 1 above torch's threshold of 20
+        pre = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+        ddt = ddt * torch.where(pre > 20.0, 1.0, torch.sigmoid(pre))
+    ddt_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    return ddt.to(dt.dtype), dA.to(A.dtype), ddt_bias
+
+
+def _state_passing(states, a_cumsum, initial_state, out=None, prev_states=None):
+    """Runs step 3's recurrence over `states` (see _state_passing_kernel): chunk_states become prev_states, in place
+    or in `out` (a 16-bit copy for the forward's outputs), and the final state is returned.
+
+    With prev_states (the forward pass's) it runs backwards, in place: `states` holds dprev_states, which become
     dchunk_states, initial_state is ∂ℓ/∂final_state, and it returns ∂ℓ/∂initial_state and da_carried, per chunk the
     gradient of the decay that step 3 applies to the carried state, (batch, nheads, nchunks)."""
     batch, nchunks, nheads, P, N = states.shape
@@ -758,36 +842,40 @@ def _state_passing(states, a_cumsum, initial_state, prev_states=None):
         initial_state = initial_state.float().contiguous()
     BLOCK = min(512, next_pow2(P * N))
     blocks = cdiv(P * N, BLOCK)
-    da_carried = torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
+    reverse = prev_states is not None
+    da_carried = (torch.empty(batch, nheads, nchunks, blocks, device=states.device, dtype=torch.float32)
+                  if reverse else final_state)
     _state_passing_kernel[(blocks, batch, nheads)](
         states, a_cumsum_end, initial_state if initial_state is not None else final_state, final_state,
-        prev_states if prev_states is not None else states, da_carried,
+        out if out is not None else states, prev_states if reverse else states, da_carried,
         nchunks, P * N, states.stride(0), states.stride(1), states.stride(2), *a_cumsum_end.stride(),
         final_state.stride(0), final_state.stride(1), HAS_INITIAL_STATE=initial_state is not None,
-        REVERSE=prev_states is not None, BLOCK=BLOCK)
-    return (final_state, da_carried.sum(-1)) if prev_states is not None else final_state
+        REVERSE=reverse, BLOCK=BLOCK)
+    return (final_state, da_carried.sum(-1)) if reverse else final_state
 
 
 class _SSDScan(torch.autograd.Function):
-    """The kernels' forward and backward. Inputs Δ and a = Δ A (the log-decay of each step) already chunked,
-    (batch, nheads, nchunks, chunk); the kernels read a_cumsum = cumsum(a) within each chunk.
+    """The kernels' forward and backward, from the raw dt: the kernels read Δ and a_cumsum = cumsum(a) within each
+    chunk, a = Δ A the log-decay of each step.
 
     Backward notes. Besides the matmuls' gradients, the loss ℓ depends on every a_τ through the decays that span
     step τ: L_ts = exp(a_cumsum_t − a_cumsum_s) for s < τ ≤ t (step 1), exp(a_cumsum_end − a_cumsum_s) for s < τ
     (step 2), exp(a_cumsum_t) for τ ≤ t (step 4) and exp(a_cumsum_end) for the state carried across the chunk
     (step 3). da_τ adds up those terms directly, each one once, rather than da_cumsum followed by a reverse cumsum,
-    in which the +M_ts and −M_ts of each pair cancel and the rounding does not. PyTorch takes da on to Δ and A."""
+    in which the +M_ts and −M_ts of each pair cancel and the rounding does not. PyTorch takes da and dΔ on to dt,
+    dt_bias and A (_chunk_delta_backward)."""
 
     @staticmethod
-    def forward(ctx, x, delta, a, B, C, D, initial_state):
+    def forward(ctx, x, dt, A, dt_bias, B, C, D, initial_state, chunk, dt_softplus):
         batch, seqlen, nheads, P = x.shape
         ngroups, N = B.shape[2], B.shape[3]
-        nchunks, chunk = delta.shape[2], delta.shape[3]
-        a_cumsum = torch.cumsum(a, dim=-1)                                         # within each chunk
+        delta, a_cumsum = _chunk_delta(dt, dt_bias, A, dt_softplus, chunk)   # (batch, nheads, nchunks, chunk)
+        nchunks = delta.shape[2]
         cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
         chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)            # step 2
-        final_state = _state_passing(chunk_states, a_cumsum, initial_state)       # step 3, in place:
-        prev_states = chunk_states                                                # the buffer now holds h_{c-1}
+        # step 3: h_{c-1} in x's dtype, as step 4's matmul reads it (half the bytes of float32 for 16-bit x)
+        prev_states = chunk_states if x.dtype == torch.float32 else torch.empty_like(chunk_states, dtype=x.dtype)
+        final_state = _state_passing(chunk_states, a_cumsum, initial_state, out=prev_states)
         y = torch.empty_like(x)
         block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
         grid = (cdiv(chunk, block_m) * cdiv(P, block_p), batch * nchunks, nheads)
@@ -796,12 +884,13 @@ class _SSDScan(torch.autograd.Function):
             *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *prev_states.stride()[:4], *y.stride(),
             CHUNK=chunk, HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
-        ctx.save_for_backward(x, delta, a_cumsum, B, C, D, initial_state)
+        ctx.save_for_backward(x, dt, A, dt_bias, delta, a_cumsum, B, C, D, initial_state)
+        ctx.dt_softplus = dt_softplus
         return y, final_state
 
     @staticmethod
     def backward(ctx, dy, dfinal_state):
-        x, delta, a_cumsum, B, C, D, initial_state = ctx.saved_tensors
+        x, dt, A, dt_bias, delta, a_cumsum, B, C, D, initial_state = ctx.saved_tensors
         batch, seqlen, nheads, P = x.shape
         ngroups, N = B.shape[2], B.shape[3]
         nchunks, chunk = delta.shape[2], delta.shape[3]
@@ -848,7 +937,9 @@ class _SSDScan(torch.autograd.Function):
               + torch.flip(torch.cumsum(torch.flip(da_out, [-1]), -1), [-1]) + da_carried[..., None])
         dD = dD_parts.sum(0).sum(-1).to(D.dtype) if D is not None else None
         dinitial_state = dinitial_state.to(initial_state.dtype) if initial_state is not None else None
-        return dx, ddelta, da, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial_state
+        ddt, dA, ddt_bias = _chunk_delta_backward(ddelta, da, delta, dt, dt_bias, A, ctx.dt_softplus)
+        return (dx, ddt, dA, ddt_bias, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial_state,
+                None, None)
 
 
 @reference_off_gpu(ssd_reference)
@@ -871,11 +962,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
         B, C = B.contiguous(), C.contiguous()
     if D is not None:
         D = D.contiguous()
-    pad = -x.shape[1] % chunk_size
-    delta = F.pad(_delta(dt, dt_bias, dt_softplus).float(), (0, 0, 0, pad))       # Δ = 0 on the padding
-    # delta, a: (batch, nheads, nchunks, chunk)
-    delta = rearrange(delta, "b (c l) h -> b h c l", l=chunk_size).contiguous()
-    y, final_state = _SSDScan.apply(x, delta, delta * A.float()[:, None, None], B, C, D, initial_state)
+    y, final_state = _SSDScan.apply(x, dt, A.contiguous(), dt_bias.contiguous() if dt_bias is not None else None,
+                                    B, C, D, initial_state, chunk_size, dt_softplus)
     return (y, final_state) if return_final_state else y
 
 
@@ -908,15 +996,6 @@ def ssd_step_reference(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=
 def _check_A(A, A_log):
     if (A is None) == (A_log is None):
         raise ValueError("ssd_step: pass exactly one of A and A_log")
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + e^x) as torch's softplus (x above 20 passes through); log1p by Goldberg's trick, exact for e^x ≪ 1
-    u = tl.exp(tl.minimum(x, 20.0))                    # the branch above 20 is x itself; keeps inf/inf out
-    w = 1.0 + u
-    log1p = tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
-    return tl.where(x > 20.0, x, log1p)
 
 
 @triton.jit

@@ -212,7 +212,7 @@ def _launched_kernel(fn):
     if inner is not fn:
         raise AssertionError(f"{fn.__module__}.py: the launched kernel {fn.__name__} is not a module global of that "
                              f"name; the compile step looks kernels up by name")
-    return fn.__module__, fn.__name__, isinstance(kernel, triton.runtime.Autotuner)
+    return fn.__module__, fn.__name__, hasattr(kernel, "configs")        # triton.autotune's, or ssd_kernel._Tuned
 
 
 def _spec(fn, args, kwargs):

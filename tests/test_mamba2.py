@@ -131,7 +131,9 @@ def test_logits_match_transformers(tmp_path, name, layout):
         expected = theirs(ids).logits
         got = ours(ids.to(DEVICE)).cpu()
     assert got.shape == expected.shape == (2, case["seqlen"], padded_vocab)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # atol relative to the logits' scale, as in the gradient test: on a GPU the kernels sum in other orders than
+    # transformers on the CPU (seen: 1.2e-4 at one logit of 6,864, largest logit 8.9)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_gradients_match_transformers(tmp_path):

@@ -73,6 +73,46 @@ def test_scan_matches_reference_fp32(seqlen, ngroups, headdim, dstate):
         assert rel_err(g_t[k].cpu(), g_r[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("softplus,bias", [(True, True), (True, False), (False, True), (False, False)])
+def test_chunk_delta_kernel(softplus, bias):
+    """Δ and a_cumsum from the raw dt (one kernel) equal ssd_reference's lines, float64: dt as a strided slice, 11 heads
+    (not a multiple of the kernel's block of heads), a seqlen that ends inside a chunk (Δ = 0 there), and raw dt above
+    softplus' threshold of 20."""
+    batch, seqlen, nheads, chunk = 2, 2 * CHUNK + 5, 11, CHUNK
+    dt = (torch.randn(batch, seqlen, 2 * nheads, dtype=torch.float64) * 3)[..., ::2]
+    dt[0, 3, :4] = torch.tensor([19.0, 21.0, 40.0, -30.0])
+    dt_bias = torch.randn(nheads, dtype=torch.float64) if bias else None
+    A = -torch.rand(nheads, dtype=torch.float64) - 0.1
+    pre = dt + dt_bias if bias else dt
+    delta = torch.nn.functional.pad(torch.nn.functional.softplus(pre) if softplus else pre, (0, 0, 0, -seqlen % chunk))
+    delta = delta.unflatten(1, (-1, chunk)).permute(0, 3, 1, 2)                      # (batch, nheads, nchunks, chunk)
+    a_cumsum = torch.cumsum(delta * A[:, None, None], -1)
+    dev = lambda t: t.float().to(DEVICE) if t is not None else None
+    delta_k, a_cumsum_k = ssd_kernel._chunk_delta(dev(dt), dev(dt_bias), dev(A), softplus, chunk)
+    assert rel_err(delta_k.cpu(), delta) < 1e-6 and rel_err(a_cumsum_k.cpu(), a_cumsum) < 1e-6
+    assert (delta_k[:, :, -1, seqlen % chunk:] == 0).all()
+
+
+@pytest.mark.parametrize("softplus,bias", [(True, False), (False, True)])
+def test_scan_without_softplus_or_bias(softplus, bias):
+    """The dt gradients when Δ skips the softplus or the bias, against the float64 reference."""
+    inp = make_inputs(seqlen=CHUNK + 3, ngroups=1)
+    inp["dt"] = inp["dt"].abs() * 0.3 if not softplus else inp["dt"]                  # Δ must stay positive
+    inp["dt_bias"] = inp["dt_bias"].abs() if bias else None
+    names = ("x", "dt", "A", "dt_bias") if bias else ("x", "dt", "A")
+    leaves = {k: inp[k].clone().requires_grad_() for k in names}
+    run = lambda fn, t, lv: fn(lv["x"], lv["dt"], lv["A"], t(inp["B"]), t(inp["C"]), D=t(inp["D"]),
+                               dt_bias=lv.get("dt_bias"), dt_softplus=softplus, chunk_size=CHUNK)
+    y_r = run(ssd_reference, lambda v: v, leaves)
+    g_r = torch.autograd.grad(y_r.sum(), list(leaves.values()))
+    leaves32 = {k: v.detach().float().to(DEVICE).requires_grad_() for k, v in leaves.items()}
+    y_t = run(ssd_scan, lambda v: v.float().to(DEVICE), leaves32)
+    g_t = torch.autograd.grad(y_t.sum(), list(leaves32.values()))
+    assert rel_err(y_t.cpu(), y_r) < 1e-5
+    for k, a, b in zip(leaves, g_t, g_r):
+        assert rel_err(a.cpu(), b) < 1e-5, k
+
+
 @pytest.mark.parametrize("min_programs", [1, 4096])
 def test_scan_tiling(monkeypatch, min_programs):
     """Several row tiles per chunk (the causal tile loops), and the dB/dC kernels with one program walking all the
