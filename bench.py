@@ -129,12 +129,17 @@ def official_lm(peers):
         return None
 
 
+def ssd_shapes(quick):
+    """(batch, seqlen, nheads, headdim, dstate) of the SSD sections: two Mamba-2 layers and a long sequence."""
+    if quick:
+        return {"small": (2, 512, 8, 64, 128)}
+    return {"2.7B layer": (4, 2048, 80, 64, 128), "130M layer": (8, 2048, 24, 64, 128),
+            "seqlen 8192": (1, 8192, 80, 64, 128)}
+
+
 def bench_ssd(args, bw):
     rows = []
-    shapes = {"2.7B layer": (4, 2048, 80, 64, 128), "130M layer": (8, 2048, 24, 64, 128),
-              "seqlen 8192": (1, 8192, 80, 64, 128)}
-    if args.quick:
-        shapes = {"small": (2, 512, 8, 64, 128)}
+    shapes = ssd_shapes(args.quick)
     official = official_scan(args.peers)
     chunk = 256
     for name, (batch, seqlen, nheads, headdim, dstate) in shapes.items():
@@ -498,6 +503,75 @@ def profile_decode(args, bw):
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
 
 
+@contextlib.contextmanager
+def _overridden(module, values):
+    """The module's attributes set to `values` inside the block (tile constants), the old ones put back after."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+@torch.no_grad()
+def sweep_decode(args, bw):
+    """The decoding kernels' tiles, one change at a time from today's, each timed as the whole batch-1 step through
+    a freshly captured CUDA graph at the 2.7B shape: the sweep behind mixer_kernel's _IN_PROJ_TILE and
+    _OUT_PROJ_TILE (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE."""
+    import mixer_kernel
+    import ssd_kernel
+    from generate import CUDAGraphDecoder
+    from mlmamba import Mamba2LM
+    with torch.device("cuda"):
+        lm = Mamba2LM(lm_config(args.quick)).to(torch.bfloat16).eval()
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    variants = [("today's tiles", ssd_kernel, {})]
+    variants += [(f"ssd_step, {t} state elements a program", ssd_kernel, {"_STEP_TILE": t}) for t in (512, 1024, 2048)]
+    variants += [(f"out_proj tile {t}", mixer_kernel, {"_OUT_PROJ_TILE": t})
+                 for t in ((8, 512, 1, 8), (4, 512, 1, 4), (16, 512, 2, 8), (8, 1024, 2, 8), (32, 256, 1, 8))]
+    variants += [(f"in_proj tile {t}", mixer_kernel, {"_IN_PROJ_TILE": t})
+                 for t in ((32, 256, 3, 8), (16, 512, 2, 4), (8, 256, 3, 4))]
+    rows = []
+    for name, module, values in variants:
+        with _overridden(module, values):
+            decoder = CUDAGraphDecoder(lm)
+            cache = decoder.allocate_cache(1)
+            for _ in range(3):
+                decoder.step(token, cache)
+            ms = wall_ms(lambda: decoder.step(token, cache), 200)
+        rows.append(Row("sweep", f"decode step, {name}", ms, "ms per token, batch 1, CUDA graph"))
+    return rows
+
+
+def sweep_ssd(args, bw):
+    """ssd_scan forward and forward + backward at bench_ssd's shapes under each row tile (ssd_kernel._BLOCK_M, shared
+    by the forward and backward kernels), warps and stages retuned for each: the sweep behind _BLOCK_M."""
+    import ssd_kernel
+    tuned = [k for k in vars(ssd_kernel).values() if isinstance(k, ssd_kernel._Tuned)]
+    rows = []
+    for block_m in (32, 64):
+        with _overridden(ssd_kernel, {"_BLOCK_M": block_m}):
+            for kernel in tuned:
+                kernel.picks.clear()
+                kernel.tuner.cache.clear()
+            for name, shape in ssd_shapes(args.quick).items():
+                inp = ssd_inputs(*shape)
+                leaves = [inp[k].requires_grad_() for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+                fwd = lambda: ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=256, D=inp["D"],
+                                       dt_bias=inp["dt_bias"], dt_softplus=True)
+                gy = torch.randn_like(inp["x"])
+                rows.append(Row("sweep", f"ssd {name} fwd, BLOCK_M {block_m}", bench_ms(fwd), "ms"))
+                rows.append(Row("sweep", f"ssd {name} fwd+bwd, BLOCK_M {block_m}",
+                                bench_ms(lambda: torch.autograd.grad(fwd(), leaves, gy)), "ms"))
+    for kernel in tuned:                                     # later sections tune again under today's _BLOCK_M
+        kernel.picks.clear()
+        kernel.tuner.cache.clear()
+    return rows
+
+
 @torch.no_grad()
 def profile_prefill(args, bw):
     """Where the first token's time goes, part by part (vision tower, connector, the LM's prefill of 761 positions
@@ -840,7 +914,7 @@ SECTIONS = {"ssd": bench_ssd, "mixer": bench_mixer, "scan2d": bench_scan2d, "lm"
             "generate": bench_generate, "train": bench_train, "train_lm": bench_train_lm,
             "train_paper": bench_train_paper, "train_step": bench_train_step, "profile_ssd": profile_ssd,
             "profile_train": profile_train, "profile_decode": profile_decode,
-            "profile_prefill": profile_prefill}
+            "profile_prefill": profile_prefill, "sweep_decode": sweep_decode, "sweep_ssd": sweep_ssd}
 
 
 def main():

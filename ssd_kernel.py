@@ -1046,6 +1046,9 @@ def _ssd_step_kernel(
     tl.store(y_ptr + b * stride_y_b + head * stride_y_h + offs_p, y, mask=in_p)
 
 
+_STEP_TILE = 4096         # state elements per program (BLOCK_P x BLOCK_N); bench.py's sweep_decode times others
+
+
 @reference_off_gpu(ssd_step_reference)
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_log=None):
     """One token of the recurrence (Triton): updates the state h (`state`) in place and returns y (batch, nheads,
@@ -1066,7 +1069,7 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, A_l
         x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
     y = torch.empty_like(x)
     BLOCK_N = max(16, next_pow2(N))
-    BLOCK_P = max(1, min(next_pow2(P), 4096 // BLOCK_N))
+    BLOCK_P = max(1, min(next_pow2(P), _STEP_TILE // BLOCK_N))
     grid = (batch * nheads, cdiv(P, BLOCK_P))
     D_ = D.contiguous() if D is not None else x
     _ssd_step_kernel[grid](
