@@ -148,19 +148,18 @@ class Mamba2Mixer(nn.Module):
         x = rearrange(x, "b l (h p) -> b l h p", p=c.headdim)
         B = rearrange(B, "b l (g n) -> b l g n", g=c.ngroups)
         C = rearrange(C, "b l (g n) -> b l g n", g=c.ngroups)
-        # Δ > 0, a step size per token and head, from the input: the SSM's discretisation, Ā = exp(ΔA) by zero-order
-        # hold and B̄ ≈ ΔB, so that h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ (SSD §3; Mamba-2). (batch, seqlen,
-        # nheads), in float32 (float64 for float64): what ssd_scan would compute from dt with dt_softplus.
-        wide = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(wide) + self.dt_bias.to(wide))
+        # Δ = softplus(dt + dt_bias) > 0, a step size per token and head, from the input: the SSM's discretisation,
+        # Ā = exp(ΔA) by zero-order hold and B̄ ≈ ΔB, so that h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ (SSD §3;
+        # Mamba-2). The scan computes Δ from dt (dt_softplus), in float32, inside its first kernel.
         if lengths is not None:
-            # Δ = 0 on the padding: h_t = exp(0·A) h_{t-1} + 0 = h_{t-1} there (SSD §3's recurrence), so the final
-            # state is each row's own
-            delta = delta * (torch.arange(u.shape[1], device=u.device) < lengths[:, None])[..., None]
+            # Δ = 0 on the padding (softplus(-inf) = 0): h_t = exp(0·A) h_{t-1} + 0 = h_{t-1} there (SSD §3's
+            # recurrence), so the final state is each row's own
+            padding = torch.arange(u.shape[1], device=u.device) >= lengths[:, None]
+            dt = dt.masked_fill(padding[..., None], -torch.inf)
         A = -torch.exp(self.A_log.float())                          # (nheads,), A < 0
         scan = ssd_scan if _use_kernels(u) else ssd_reference
-        y, ssm_h_last = scan(x, delta, A, B, C, chunk_size=c.chunk_size, D=self.D, initial_state=ssm_h,
-                             return_final_state=True)
+        y, ssm_h_last = scan(x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                             dt_softplus=True, initial_state=ssm_h, return_final_state=True)
         if ssm_h is not None:
             ssm_h.copy_(ssm_h_last)
         y = rearrange(y, "b l h p -> b l (h p)")                    # (batch, seqlen, d_inner)
@@ -618,11 +617,10 @@ class Mamba2ScanMixer(nn.Module):
         B = rearrange(B, "b l k (g n) -> b l (k g) n", g=c.ngroups)
         C = rearrange(C, "b l k (g n) -> b l (k g) n", g=c.ngroups)
         dt = rearrange(dt, "k b l h -> b l (k h)")                 # (batch, H*W, K*nheads)
-        # Δ = softplus(dt + dt_bias_k), as in Mamba2Mixer.forward, each direction with its own dt_bias
-        wide = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(wide) + self.dt_bias.flatten().to(wide))
         A = -torch.exp(self.A_log.float()).flatten()               # A_k < 0, (K*nheads,)
-        y = ssd(x, delta, A, B, C, chunk_size=c.chunk_size, D=self.D.flatten())
+        # Δ = softplus(dt + dt_bias_k), as in Mamba2Mixer.forward, each direction with its own dt_bias
+        y = ssd(x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D.flatten(), dt_bias=self.dt_bias.flatten(),
+                dt_softplus=True)
         y = self.norm(rearrange(y, "b l (k h) p -> k b l (h p)", k=K), z)        # (K, batch, H*W, d_inner)
         return self.out_proj(merge(y, self.orders, H, W, reduce="mean"))
 

@@ -242,8 +242,8 @@ def _chunk_delta_kernel(
     stride_dt_b, stride_dt_l, stride_dt_h,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Δ_t = softplus(dt_t + dt_bias) and a_cumsum_t = Σ_{s ≤ t in the chunk} Δ_s A for one chunk and a block of
-    heads, stored (batch, nheads, nchunks, chunk) with Δ = 0 past seqlen. Must match ssd_reference's Δ and
+    """Δ_t = softplus(dt_t + dt_bias) (the bias and the softplus where HAS_DT_BIAS and DT_SOFTPLUS say) and
+    a_cumsum_t = Σ_{s ≤ t in the chunk} Δ_s A for one chunk and a block of heads, stored (batch, nheads, nchunks, chunk) with Δ = 0 past seqlen. Must match ssd_reference's Δ and
     a_cumsum (its `delta`, `a` and `a_cumsum` lines)."""
     pid_bc, pid_h = tl.program_id(0), tl.program_id(1)
     nchunks = tl.cdiv(seqlen, CHUNK)
@@ -266,21 +266,23 @@ def _chunk_delta_kernel(
 
 
 class _Tuned(triton.runtime.KernelInterface):
-    """A kernel tuned over warps and pipeline depth once per (P, N, dtype) on a GPU (the interpreter runs one
-    setting), then launched with that pick directly: Triton's autotuner redoes its bookkeeping at every launch, about
-    50 µs of host time with these kernels' ~40 arguments (H200 host, Triton 3.6), longer than some of the kernels run.
-    Only for kernels that just store their outputs, since tuning runs them several times."""
+    """A kernel tuned over warps and pipeline depth once per shape key (P, N and the tile constexprs it has) and
+    dtype on a GPU (the interpreter runs one setting), then launched with that pick directly: Triton's autotuner redoes
+    its bookkeeping at every launch, about 50 µs of host time with these kernels' ~40 arguments (H200 host, Triton
+    3.6), longer than some of the kernels run. Only for kernels that just store their outputs, since tuning runs them
+    several times."""
 
     def __init__(self, fn):
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
         self.configs = configs[:1] if interpreted else configs
-        self.fn, self.tuner = fn, triton.autotune(self.configs, key=["P", "N"])(fn)
-        self.key_args = [fn.arg_names.index(name) for name in ("P", "N")]
+        names = [name for name in ("P", "N", "CHUNK", "BLOCK_M", "TO_END") if name in fn.arg_names]
+        self.fn, self.tuner = fn, triton.autotune(self.configs, key=names)(fn)
+        self.key_args = {name: fn.arg_names.index(name) for name in names}
         self.picks = {}
 
     def run(self, *args, grid, warmup, **kwargs):
-        key = (*(args[i] for i in self.key_args), args[0].dtype)
+        key = (*(kwargs[n] if n in kwargs else args[i] for n, i in self.key_args.items()), args[0].dtype)
         pick = self.picks.get(key)
         if pick is None:
             out = self.tuner.run(*args, grid=grid, warmup=warmup, **kwargs)
@@ -388,7 +390,7 @@ def _state_passing_kernel(
     """The linear recurrence across chunks on one block of one head's flattened (P, N) state:
     h ← exp(a_cumsum_end_c) h + u_c, with a_cumsum_end_c = Σ a over chunk c.
 
-    states[c] holds u_c; out[c] (states itself, in place, or a 16-bit copy with the same strides) gets the h that
+    states[c] holds u_c; out[c] (states itself, in place, or a 16-bit buffer with the same strides) gets the h that
     entered chunk c; h starts from initial_state (or 0) and final_state gets the last h. Forward: u_c =
     chunk_states[c], and out holds prev_states (must match ssd_reference step 3). REVERSE walks the chunks backwards
     through the gradients, in place: h stands for ∂ℓ/∂h, from ∂ℓ/∂final_state (in initial_state) to
@@ -793,7 +795,7 @@ def _chunk_state(u, v, delta, a_cumsum, to_end):
     N = v.shape[-1]
     nchunks, chunk = delta.shape[2], delta.shape[3]
     out = torch.empty(batch, nchunks, nheads, P, N, device=u.device, dtype=torch.float32)
-    block_p, block_n = min(64, _pow2(P)), min(128, _pow2(N))       # all of dstate at once: x is read once
+    block_p, block_n = min(64, _pow2(P)), min(128, _pow2(N))       # dstate ≤ 128 at once: x is read once
     grid = (cdiv(P, block_p) * cdiv(N, block_n), batch * nchunks, nheads)
     _chunk_state_kernel[grid](
         u, v, delta, a_cumsum, out, seqlen, nheads // v.shape[2], P, N,
@@ -809,7 +811,7 @@ def _chunk_delta(dt, dt_bias, A, dt_softplus, chunk):
     nchunks = cdiv(seqlen, chunk)
     delta = torch.empty(batch, nheads, nchunks, chunk, device=dt.device, dtype=torch.float32)
     a_cumsum = torch.empty_like(delta)
-    block_h = min(8, next_pow2(nheads))
+    block_h = max(1, min(8, next_pow2(nheads), 2048 // chunk))        # at most 2048 positions x heads a program
     _chunk_delta_kernel[(batch * nchunks, cdiv(nheads, block_h))](
         dt, dt_bias if dt_bias is not None else A, A, delta, a_cumsum, seqlen, nheads, *dt.stride(),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, CHUNK=chunk, BLOCK_H=block_h)
@@ -830,7 +832,7 @@ def _chunk_delta_backward(ddelta, da, delta, dt, dt_bias, A, dt_softplus):
 
 def _state_passing(states, a_cumsum, initial_state, out=None, prev_states=None):
     """Runs step 3's recurrence over `states` (see _state_passing_kernel): chunk_states become prev_states, in place
-    or in `out` (a 16-bit copy for the forward's outputs), and the final state is returned.
+    or in `out` (16-bit, for the forward's step 4), and the final state is returned.
 
     With prev_states (the forward pass's) it runs backwards, in place: `states` holds dprev_states, which become
     dchunk_states, initial_state is ∂ℓ/∂final_state, and it returns ∂ℓ/∂initial_state and da_carried, per chunk the
@@ -874,7 +876,7 @@ class _SSDScan(torch.autograd.Function):
         cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
         chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)            # step 2
         # step 3: h_{c-1} in x's dtype, as step 4's matmul reads it (half the bytes of float32 for 16-bit x)
-        prev_states = chunk_states if x.dtype == torch.float32 else torch.empty_like(chunk_states, dtype=x.dtype)
+        prev_states = chunk_states if x.element_size() > 2 else torch.empty_like(chunk_states, dtype=x.dtype)
         final_state = _state_passing(chunk_states, a_cumsum, initial_state, out=prev_states)
         y = torch.empty_like(x)
         block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
@@ -904,7 +906,7 @@ class _SSDScan(torch.autograd.Function):
         # dchunk_states[c] = ∂ℓ/∂h_c: step 4's gradients w.r.t. each h_{c-1}, carried backwards through step 3.
         dprev_states = _chunk_state(dy, C, delta, a_cumsum, to_end=False)
         dinitial_state, da_carried = _state_passing(dprev_states, a_cumsum, dfinal_state, prev_states=prev_states)
-        dchunk_states = dprev_states                                               # in place, as in the forward
+        dchunk_states = dprev_states                                               # step 3 ran in place
 
         block_m = min(_BLOCK_M, chunk)
         m_blocks = cdiv(chunk, block_m)

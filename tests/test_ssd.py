@@ -79,8 +79,9 @@ def test_chunk_delta_kernel(softplus, bias):
     (not a multiple of the kernel's block of heads), a seqlen that ends inside a chunk (Δ = 0 there), and raw dt above
     softplus' threshold of 20."""
     batch, seqlen, nheads, chunk = 2, 2 * CHUNK + 5, 11, CHUNK
-    dt = (torch.randn(batch, seqlen, 2 * nheads, dtype=torch.float64) * 3)[..., ::2]
-    dt[0, 3, :4] = torch.tensor([19.0, 21.0, 40.0, -30.0])
+    dt_wide = torch.randn(batch, seqlen, 2 * nheads, dtype=torch.float64) * 3
+    dt_wide[0, 3, :8:2] = torch.tensor([19.0, 21.0, 40.0, -30.0], dtype=torch.float64)
+    dt = dt_wide[..., ::2]
     dt_bias = torch.randn(nheads, dtype=torch.float64) if bias else None
     A = -torch.rand(nheads, dtype=torch.float64) - 0.1
     pre = dt + dt_bias if bias else dt
@@ -88,7 +89,7 @@ def test_chunk_delta_kernel(softplus, bias):
     delta = delta.unflatten(1, (-1, chunk)).permute(0, 3, 1, 2)                      # (batch, nheads, nchunks, chunk)
     a_cumsum = torch.cumsum(delta * A[:, None, None], -1)
     dev = lambda t: t.float().to(DEVICE) if t is not None else None
-    delta_k, a_cumsum_k = ssd_kernel._chunk_delta(dev(dt), dev(dt_bias), dev(A), softplus, chunk)
+    delta_k, a_cumsum_k = ssd_kernel._chunk_delta(dev(dt_wide)[..., ::2], dev(dt_bias), dev(A), softplus, chunk)
     assert rel_err(delta_k.cpu(), delta) < 1e-6 and rel_err(a_cumsum_k.cpu(), a_cumsum) < 1e-6
     assert (delta_k[:, :, -1, seqlen % chunk:] == 0).all()
 
@@ -153,16 +154,17 @@ def test_scan_half_precision(dtype):
 
 
 def test_scan_noncontiguous_views():
-    """x, B, C as slices of one projection (as the Mamba-2 mixer passes them): no copies needed, same answer."""
+    """x, B, C, dt as slices of one projection (as the Mamba-2 mixer passes them): no copies needed, same answer."""
     batch, seqlen, nheads, headdim, dstate = 2, CHUNK + 5, 4, 16, 16
-    xBC = torch.randn(batch, seqlen, nheads * headdim + 2 * dstate, device=DEVICE)
-    x = xBC[..., :nheads * headdim].unflatten(-1, (nheads, headdim))
-    B = xBC[..., nheads * headdim:nheads * headdim + dstate].unflatten(-1, (1, dstate))
-    C = xBC[..., nheads * headdim + dstate:].unflatten(-1, (1, dstate))
-    dt = torch.randn(batch, seqlen, nheads, device=DEVICE)
+    xBCdt = torch.randn(batch, seqlen, nheads * headdim + 2 * dstate + nheads, device=DEVICE)
+    x = xBCdt[..., :nheads * headdim].unflatten(-1, (nheads, headdim))
+    B = xBCdt[..., nheads * headdim:nheads * headdim + dstate].unflatten(-1, (1, dstate))
+    C = xBCdt[..., nheads * headdim + dstate:-nheads].unflatten(-1, (1, dstate))
+    dt = xBCdt[..., -nheads:]
     A = -torch.rand(nheads, device=DEVICE) - 0.5
     y = ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, dt_softplus=True)
-    y_ref = ssd_reference(x.contiguous(), dt, A, B.contiguous(), C.contiguous(), chunk_size=CHUNK, dt_softplus=True)
+    y_ref = ssd_reference(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size=CHUNK,
+                          dt_softplus=True)
     assert rel_err(y.cpu(), y_ref.cpu()) < 1e-5
 
 
