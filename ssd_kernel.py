@@ -243,8 +243,8 @@ def _chunk_delta_kernel(
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Δ_t = softplus(dt_t + dt_bias) (the bias and the softplus where HAS_DT_BIAS and DT_SOFTPLUS say) and
-    a_cumsum_t = Σ_{s ≤ t in the chunk} Δ_s A for one chunk and a block of heads, stored (batch, nheads, nchunks, chunk) with Δ = 0 past seqlen. Must match ssd_reference's Δ and
-    a_cumsum (its `delta`, `a` and `a_cumsum` lines)."""
+    a_cumsum_t = Σ_{s ≤ t in the chunk} Δ_s A for one chunk and a block of heads, stored (batch, nheads, nchunks,
+    chunk) with Δ = 0 past seqlen. Must match ssd_reference's Δ and a_cumsum (its `delta`, `a` and `a_cumsum` lines)."""
     pid_bc, pid_h = tl.program_id(0), tl.program_id(1)
     nchunks = tl.cdiv(seqlen, CHUNK)
     b, c = pid_bc // nchunks, pid_bc % nchunks
