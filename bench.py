@@ -89,20 +89,21 @@ def official_scan(peers):
 
 
 @contextlib.contextmanager
-def _modules_replaced(replacements):
-    """sys.modules entries replaced while the body runs, the previous ones put back after: a module object stands in
-    for an absent one, None makes `import name` fail with ImportError."""
+def _replaced(namespace, replacements):
+    """Entries of a dict (sys.modules, or a module's globals via vars(module)) replaced while the body runs, the
+    previous ones put back after, absent ones removed again. In sys.modules a module object stands in for an absent
+    one, and None makes `import name` fail with ImportError."""
     missing = object()
-    saved = {name: sys.modules.get(name, missing) for name in replacements}
-    sys.modules.update(replacements)
+    saved = {name: namespace.get(name, missing) for name in replacements}
+    namespace.update(replacements)
     try:
         yield
     finally:
-        for name, module in saved.items():
-            if module is missing:
-                sys.modules.pop(name, None)
+        for name, value in saved.items():
+            if value is missing:
+                namespace.pop(name, None)
             else:
-                sys.modules[name] = module
+                namespace[name] = value
 
 
 def official_lm(peers):
@@ -120,7 +121,7 @@ def official_lm(peers):
     blocked = {"selective_scan_cuda": types.ModuleType("selective_scan_cuda"), "causal_conv1d": None,
                "causal_conv1d.cpp_functions": None, "causal_conv1d.causal_conv1d_varlen": None}
     try:
-        with _modules_replaced(blocked):
+        with _replaced(sys.modules, blocked):
             from mamba_ssm.models.config_mamba import MambaConfig
             from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
         return MambaLMHeadModel, MambaConfig
@@ -503,19 +504,6 @@ def profile_decode(args, bw):
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
 
 
-@contextlib.contextmanager
-def _overridden(module, values):
-    """The module's attributes set to `values` inside the block (tile constants), the old ones put back after."""
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 @torch.no_grad()
 def sweep_decode(args, bw):
     """Variants of the decoding kernels' tiles, one constant at a time, each timed as the whole batch-1 step through
@@ -537,7 +525,7 @@ def sweep_decode(args, bw):
     rows = []
     for name, module, values in variants:
         try:
-            with _overridden(module, values):
+            with _replaced(vars(module), values):
                 decoder = CUDAGraphDecoder(lm)
                 cache = decoder.allocate_cache(1)
                 for _ in range(3):
@@ -556,7 +544,7 @@ def sweep_ssd(args, bw):
     import ssd_kernel
     rows = []
     for block_m in (32, 64):
-        with _overridden(ssd_kernel, {"_BLOCK_M": block_m}):
+        with _replaced(vars(ssd_kernel), {"_BLOCK_M": block_m}):
             for name, shape in ssd_shapes(args.quick).items():
                 inp = ssd_inputs(*shape)
                 leaves = [inp[k].requires_grad_() for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
