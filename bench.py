@@ -519,12 +519,10 @@ def sweep_decode(args, bw):
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     today = {name: (module, vars(module)[name]) for module, name in
              ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"))}
-    candidates = {"_STEP_TILE": (512, 1024, 2048),
-                  "_OUT_PROJ_TILE": ((16, 512, 1, 8, 2), (16, 512, 1, 8, 4), (16, 256, 1, 4, 4), (16, 256, 2, 4, 4),
-                                     (16, 1024, 1, 8, 4), (16, 256, 1, 4, 8), (8, 512, 1, 4, 4), (32, 256, 1, 8, 4),
-                                     (32, 512, 1, 8, 8), (8, 512, 1, 8, 1), (4, 512, 1, 4, 1)),
-                  "_IN_PROJ_TILE": ((32, 256, 3, 8), (16, 512, 2, 4), (8, 256, 3, 4), (8, 512, 1, 4), (16, 256, 1, 4),
-                                    (16, 512, 2, 8), (32, 128, 3, 4))}
+    candidates = {"_STEP_TILE": (1024, 2048),
+                  "_OUT_PROJ_TILE": ((16, 512, 1, 8, 2), (16, 512, 1, 8, 4), (16, 256, 1, 4, 4), (16, 256, 1, 4, 8),
+                                     (8, 512, 1, 4, 4), (32, 512, 1, 8, 8), (4, 512, 1, 4, 1)),
+                  "_IN_PROJ_TILE": ((32, 256, 3, 8), (8, 256, 3, 4), (8, 512, 1, 4))}
 
     def step_ms(values):
         """ms per token with these constants in place of today's."""

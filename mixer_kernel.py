@@ -546,8 +546,10 @@ def conv_step(x, conv_state, weight, bias=None):
 # Each program computes BLOCK_N output channels of one row: a matrix-vector product, whose time is its weight bytes.
 # The norm's 1 / rms is one number per row (and group), so it factors out of the dot product: the loop over the input
 # channels sums the squares beside the products, and scales once at the end. Every program reads the whole (small)
-# input row rather than wait for another. Each row reads the weights again (L2 catches only some of the repeats), so
-# above one row cuBLAS's matrix products are faster: `Mamba2LM._decode_step` takes these at batch 1 only.
+# input row rather than wait for another. out_proj has few outputs for its inputs (2560 for 5120 at 2.7B), so its
+# programs can also split the input channels and add their parts at the end (split-K). Each row reads the weights
+# again (L2 catches only some of the repeats), so above one row cuBLAS's matrix products are faster:
+# `Mamba2LM._decode_step` takes these at batch 1 only.
 
 
 @triton.jit
