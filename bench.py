@@ -508,8 +508,8 @@ def profile_decode(args, bw):
 def sweep_decode(args, bw):
     """Variants of the decoding kernels' tiles, one constant at a time, each timed as the whole batch-1 step through
     a freshly captured CUDA graph at the 2.7B shape: a sweep for mixer_kernel's _IN_PROJ_TILE and _OUT_PROJ_TILE
-    (BLOCK_N, BLOCK_K, stages, warps; out_proj's split) and ssd_kernel's _STEP_TILE, then each constant's winner
-    together. A variant that fails is reported and skipped."""
+    (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE, then each constant's winner together. A variant
+    that fails is reported and skipped."""
     import mixer_kernel
     import ssd_kernel
     from generate import CUDAGraphDecoder
@@ -519,10 +519,9 @@ def sweep_decode(args, bw):
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     today = {name: (module, vars(module)[name]) for module, name in
              ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"))}
-    candidates = {"_STEP_TILE": (1024, 2048),
-                  "_OUT_PROJ_TILE": ((16, 512, 1, 8, 2), (16, 512, 1, 8, 4), (16, 256, 1, 4, 4), (16, 256, 1, 4, 8),
-                                     (8, 512, 1, 4, 4), (32, 512, 1, 8, 8), (4, 512, 1, 4, 1)),
-                  "_IN_PROJ_TILE": ((32, 256, 3, 8), (8, 256, 3, 4), (8, 512, 1, 4))}
+    candidates = {"_STEP_TILE": (512, 1024, 2048),
+                  "_OUT_PROJ_TILE": ((8, 512, 1, 8), (4, 512, 1, 4), (16, 512, 2, 8), (8, 1024, 2, 8), (32, 256, 1, 8)),
+                  "_IN_PROJ_TILE": ((32, 256, 3, 8), (16, 512, 2, 4), (8, 256, 3, 4), (8, 512, 1, 4))}
 
     def step_ms(values):
         """ms per token with these constants in place of today's."""

@@ -546,10 +546,8 @@ def conv_step(x, conv_state, weight, bias=None):
 # Each program computes BLOCK_N output channels of one row: a matrix-vector product, whose time is its weight bytes.
 # The norm's 1 / rms is one number per row (and group), so it factors out of the dot product: the loop over the input
 # channels sums the squares beside the products, and scales once at the end. Every program reads the whole (small)
-# input row rather than wait for another. out_proj has few outputs for its inputs (2560 for 5120 at 2.7B), so its
-# programs can also split the input channels and add their parts at the end (split-K). Each row reads the weights
-# again (L2 catches only some of the repeats), so above one row cuBLAS's matrix products are faster:
-# `Mamba2LM._decode_step` takes these at batch 1 only.
+# input row rather than wait for another. Each row reads the weights again (L2 catches only some of the repeats), so
+# above one row cuBLAS's matrix products are faster: `Mamba2LM._decode_step` takes these at batch 1 only.
 
 
 @triton.jit
@@ -606,88 +604,48 @@ def _norm_in_proj_conv_kernel(
 
 @triton.jit
 def _gated_norm_out_proj_kernel(
-    y_ptr, z_ptr, norm_w_ptr, w_ptr, bias_ptr, h_ptr, part_ptr, ticket_ptr,
+    y_ptr, z_ptr, norm_w_ptr, w_ptr, bias_ptr, h_ptr,
     N, K, group_size, eps,
     stride_y, stride_z, stride_h,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-    STAGES: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """h ← h + RMSNorm(y ⊙ SiLU(z)) Wᵀ + bias for BLOCK_N of h's channels of one row (W (N, K), out_proj's weight),
     the norm over groups of group_size input channels: per group, (1 / rms(g)) · ((g ⊙ norm_w) Wᵀ) with
     g = y ⊙ SiLU(z).
 
-    Split-K: program (row, n-block, part) sums the products over one SPLIT-th of one group's channels (PARTS = ngroups
-    x SPLIT parts a row), so that the GPU has enough programs, and bytes in flight, to stream W at its bandwidth. Each
-    part writes its sum to part_ptr and takes a ticket; the part that takes the last ticket adds the PARTS sums in
-    their fixed order, whichever finished first, so the result is deterministic, updates h and puts the ticket back to
-    zero for the next call.
-
     Must match gated_norm_out_proj_reference."""
-    row, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    g0 = (pid_k // SPLIT) * group_size
-    # 1 / rms of this part's group: every part of a group computes it, from y and z, which are small and in L2
-    squares = tl.zeros((BLOCK_G,), tl.float32)
-    for k0 in range(g0, g0 + group_size, BLOCK_G):
-        offs_k = k0 + tl.arange(0, BLOCK_G)
-        in_k = offs_k < g0 + group_size
-        z = tl.load(z_ptr + row * stride_z + offs_k, mask=in_k, other=0.0).to(tl.float32)
-        g = tl.load(y_ptr + row * stride_y + offs_k, mask=in_k, other=0.0).to(tl.float32) * z * tl.sigmoid(z)
-        squares += g * g
-    rstd = 1 / tl.sqrt(tl.sum(squares, axis=0) / group_size + eps)
-    span = tl.cdiv(group_size, SPLIT)
-    lo = g0 + (pid_k % SPLIT) * span
-    hi = tl.minimum(lo + span, g0 + group_size)
-    products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)                  # summed over the input channels at the end
-    for k0 in tl.range(lo, hi, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < hi
-        z = tl.load(z_ptr + row * stride_z + offs_k, mask=in_k, other=0.0).to(tl.float32)
-        g = tl.load(y_ptr + row * stride_y + offs_k, mask=in_k, other=0.0).to(tl.float32) * z * tl.sigmoid(z)
-        u = g * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32)  # float32, as in in_proj's kernel
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=in_n[:, None] & in_k[None, :],
-                    other=0.0)
-        products += w.to(tl.float32) * u[None, :]
-    acc = tl.sum(products, axis=1) * rstd
-    last = True
-    if PARTS > 1:
-        parts = part_ptr + row * PARTS * N + offs_n                         # (row, part, channel), float32
-        tl.store(parts + pid_k * N, acc, mask=in_n)
-        tl.debug_barrier()                                                  # all of this part's sum, then its ticket
-        ticket = ticket_ptr + row * tl.num_programs(1) + pid_n
-        count = tl.atomic_add(ticket, 1, sem="acq_rel")                    # acquire: the other parts' sums are seen
-        last = tl.broadcast_to(count, (BLOCK_N,)) == PARTS - 1              # (a vector: the interpreter's masks are)
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for p in tl.static_range(PARTS):
-            acc += tl.load(parts + p * N, mask=in_n & last, other=0.0, cache_modifier=".cg")
-        tl.store(ticket, 0, mask=count == PARTS - 1)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for g0 in range(0, K, group_size):
+        products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        squares = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in tl.range(g0, g0 + group_size, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < g0 + group_size
+            y = tl.load(y_ptr + row * stride_y + offs_k, mask=in_k, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row * stride_z + offs_k, mask=in_k, other=0.0).to(tl.float32)
+            g = y * z * tl.sigmoid(z)
+            squares += g * g
+            u = g * tl.load(norm_w_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32)       # float32, as above
+            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
+                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            products += w.to(tl.float32) * u[None, :]
+        acc += tl.sum(products, axis=1) / tl.sqrt(tl.sum(squares, axis=0) / group_size + eps)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
     out = acc.to(w_ptr.dtype.element_ty)                                   # rounded as F.linear's output
     h_ptrs = h_ptr + row * stride_h + offs_n
-    h = tl.load(h_ptrs, mask=in_n & last, other=0.0)
-    tl.store(h_ptrs, (h.to(tl.float32) + out.to(tl.float32)).to(h.dtype), mask=in_n & last)
+    h = tl.load(h_ptrs, mask=in_n, other=0.0)
+    tl.store(h_ptrs, (h.to(tl.float32) + out.to(tl.float32)).to(h.dtype), mask=in_n)
 
 
 # Tiles (BLOCK_N, BLOCK_K, num_stages, num_warps), the best of 8 and 6 in a sweep on an H200 at the Mamba-2 2.7B shapes
 # (in_proj 10576 x 2560, out_proj 2560 x 5120), timed as the whole batch-1 decoding step in a CUDA graph: 2.27-3.01 and
 # 2.52-2.68 ms/token; 17.0 and 11.9 µs per call under the profiler, against 12.8 and 6.2 µs for their bytes.
-# out_proj's fifth number is SPLIT: with 2560 outputs in tiles of 16, one part a group gives 160 programs for 132
-# streaming multiprocessors, each waiting on its loads one tile at a time.
 _IN_PROJ_TILE = (16, 256, 3, 4)
-_OUT_PROJ_TILE = (16, 512, 1, 8, 1)
-_GROUP_BLOCK = 8192  # out_proj's norm: group channels loaded at once to sum their squares
-_TICKETS = {}       # device -> int32 zeros: gated_norm_out_proj's tickets, each put back to zero by the kernel
-
-
-def _tickets(device, n):
-    """n zeroed tickets on device, shared by all calls (one stream at a time); allocated once, before any CUDA graph
-    capture, as CUDAGraphed warms up first."""
-    tickets = _TICKETS.get(device)
-    if tickets is None or tickets.numel() < n:
-        tickets = _TICKETS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return tickets
+_OUT_PROJ_TILE = (16, 512, 1, 8)
 
 
 def _check_decode_inputs(caller, x, norm_weight, linear, *others):
@@ -745,14 +703,10 @@ def gated_norm_out_proj(y, z, norm_weight, group_size, eps, out_proj, h):
     N = out_proj.weight.shape[0]
     if h.shape != (batch, N) or not h.is_contiguous():
         raise ValueError(f"gated_norm_out_proj: h must be ({batch}, {N}) and contiguous, got {tuple(h.shape)}")
-    bn, bk, stages, warps, split = _OUT_PROJ_TILE
-    split = min(split, group_size)
-    parts, n_blocks, bias = K // group_size * split, cdiv(N, bn), out_proj.bias
-    sums = torch.empty(batch, parts, N, dtype=torch.float32, device=h.device) if parts > 1 else h
-    _gated_norm_out_proj_kernel[(batch, n_blocks, parts)](
-        y, z, norm_weight, out_proj.weight, bias if bias is not None else h, h, sums,
-        _tickets(h.device, batch * n_blocks) if parts > 1 else h, N, K, group_size, eps,
+    bn, bk, stages, warps = _OUT_PROJ_TILE
+    bias = out_proj.bias
+    _gated_norm_out_proj_kernel[(batch, cdiv(N, bn))](
+        y, z, norm_weight, out_proj.weight, bias if bias is not None else h, h, N, K, group_size, eps,
         y.stride(0), z.stride(0), h.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn,
-        BLOCK_K=min(bk, next_pow2(cdiv(group_size, split))), BLOCK_G=min(_GROUP_BLOCK, next_pow2(group_size)),
-        STAGES=stages, SPLIT=split, PARTS=parts, num_warps=warps)
+        BLOCK_K=min(bk, next_pow2(group_size)), STAGES=stages, num_warps=warps)
     return h
