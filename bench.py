@@ -504,44 +504,68 @@ def profile_decode(args, bw):
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
 
 
+def step_with_ssd_in_in_proj(block, h, conv_state, ssm_h):
+    """The candidate for `Mamba2Block.step_`: two kernels a block, the SSM step run by in_proj's kernel
+    (mixer_kernel.norm_in_proj_ssd_step) instead of a kernel of its own between the projections. Written, tested
+    under the interpreter and compiled for sm_90, not yet timed: sweep_decode times it against today's three."""
+    from mixer_kernel import gated_norm_out_proj, norm_in_proj_ssd_step
+    m = block.mixer
+    p, y = norm_in_proj_ssd_step(h, block.norm.weight, block.norm.eps, m.in_proj, conv_state, m.conv1d.weight,
+                                 m.conv1d.bias, ssm_h, m.A_log, m.D, m.dt_bias)
+    return gated_norm_out_proj(y, p[:, :m.config.d_inner], m.norm.weight, m.norm.group_size, m.norm.eps, m.out_proj,
+                               h)
+
+
 @torch.no_grad()
 def sweep_decode(args, bw):
-    """Variants of the decoding kernels' tiles, one constant at a time, each timed as the whole batch-1 step through
-    a freshly captured CUDA graph at the 2.7B shape: a sweep for mixer_kernel's _IN_PROJ_TILE and _OUT_PROJ_TILE
-    (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE, then each constant's winner together. A variant
-    that fails is reported and skipped."""
+    """Variants of the decoding step, each timed as the whole batch-1 step through a freshly captured CUDA graph at the
+    2.7B shape: `step_with_ssd_in_in_proj` (its logits against today's step's), then one constant at a time,
+    mixer_kernel's _IN_PROJ_TILE and _OUT_PROJ_TILE (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE,
+    then each constant's winner together. A variant that fails is reported and skipped."""
     import mixer_kernel
     import ssd_kernel
+    from unittest import mock
     from generate import CUDAGraphDecoder
-    from mlmamba import Mamba2LM
+    from mlmamba import Mamba2Block, Mamba2LM
     with torch.device("cuda"):
         lm = Mamba2LM(lm_config(args.quick)).to(torch.bfloat16).eval()
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     today = {name: (module, vars(module)[name]) for module, name in
-             ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"))}
+             ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"),
+              (mixer_kernel, "_IN_PROJ_STEP_TILE"))}
     candidates = {"_STEP_TILE": (512, 1024, 2048),
                   "_OUT_PROJ_TILE": ((8, 512, 1, 8), (4, 512, 1, 4), (16, 512, 2, 8), (8, 1024, 2, 8), (32, 256, 1, 8)),
                   "_IN_PROJ_TILE": ((32, 256, 3, 8), (16, 512, 2, 4), (8, 256, 3, 4), (8, 512, 1, 4))}
 
-    def step_ms(values):
-        """ms per token with these constants in place of today's."""
+    def step_ms(values, step_=Mamba2Block.step_):
+        """(ms per token, the first 4 tokens' logits) with these constants in place of today's, blocks stepping by
+        step_."""
         with contextlib.ExitStack() as stack:
             for name, value in values.items():
                 stack.enter_context(_replaced(vars(today[name][0]), {name: value}))
+            stack.enter_context(mock.patch.object(Mamba2Block, "step_", step_))
             decoder = CUDAGraphDecoder(lm)
             cache = decoder.allocate_cache(1)
-            for _ in range(3):
-                decoder.step(token, cache)
-            return wall_ms(lambda: decoder.step(token, cache), 200)
+            logits = torch.stack([decoder.step(token, cache).float().clone() for _ in range(4)])
+            return wall_ms(lambda: decoder.step(token, cache), 200), logits
 
-    base = step_ms({})
+    base, base_logits = step_ms({})
     rows = [Row("sweep", "decode step, today's tiles", base, "ms per token, batch 1, CUDA graph")]
+    for tile in (1024, 4096):
+        try:
+            ms, logits = step_ms({"_IN_PROJ_STEP_TILE": tile}, step_with_ssd_in_in_proj)
+        except Exception as e:
+            print(f"[sweep_decode] the SSM step in in_proj's kernel, tile {tile}: {type(e).__name__}: {e}")
+            continue
+        diff = (logits - base_logits).abs().max().item()
+        rows.append(Row("sweep", f"decode step, the SSM step in in_proj's kernel, _IN_PROJ_STEP_TILE = {tile}", ms,
+                        f"ms per token; logits off today's by {diff:.3g} (4 tokens)"))
     winners = {}
     for name, values in candidates.items():
         best = (base, today[name][1])
         for value in values:
             try:
-                ms = step_ms({name: value})
+                ms = step_ms({name: value})[0]
             except Exception as e:                  # e.g. a tile that does not fit: the other variants still run
                 print(f"[sweep_decode] {name} = {value}: {type(e).__name__}: {e}")
                 continue
@@ -550,7 +574,7 @@ def sweep_decode(args, bw):
         if best[1] != today[name][1]:
             winners[name] = best[1]
     if winners:
-        rows.append(Row("sweep", f"decode step, the winners together: {winners}", step_ms(winners), "ms per token"))
+        rows.append(Row("sweep", f"decode step, the winners together: {winners}", step_ms(winners)[0], "ms per token"))
     return rows
 
 
@@ -776,11 +800,12 @@ def paper_config(quick):
     return MLMambaConfig(vision=towers, connector=ConnectorConfig(), lm=lm)
 
 
-def paper_step_stats(args, batch, text, reps):
+def paper_phases(args, batch, text):
     """Build the paper-scale model as train.py's `--recipe paper --stage 2` does (float32 weights, vision frozen,
-    connector + LM trained, gradient checkpointing, its fused AdamW with decay groups) and measure its optimizer step:
-    bf16 autocast forward with the loss, backward, gradient clipping, AdamW, zero_grad. Random weights, random
-    images and text, every text token supervised. Returns (loss, ms, peak GiB, trained, frozen, visual tokens)."""
+    connector + LM trained, gradient checkpointing, its fused AdamW with decay groups), with random weights, images
+    and text, every text token supervised. Returns the three phases of its optimizer step, in order: forward with the
+    loss (bf16 autocast), backward, update (gradient clipping, AdamW, zero_grad); then the loss of the last forward
+    (a dict), trained and frozen parameter counts, and the visual tokens per image."""
     from mlmamba import MLMamba
     from train import RECIPES, STAGES, make_optimizer
     recipe = types.SimpleNamespace(**{**RECIPES["paper"]["common"], **RECIPES["paper"]["2"]})
@@ -795,16 +820,32 @@ def paper_step_stats(args, batch, text, reps):
     trained, frozen = sum(p.numel() for p in params), sum(p.numel() for p in model.vision.parameters())
     ids = torch.randint(0, model.config.lm.vocab_size, (batch, text), device="cuda")
     pixels = torch.rand(batch, 3, model.image_size, model.image_size, device="cuda")
+    out = {}
 
-    def step():
+    def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids, pixel_values=pixels).loss
-        loss.backward()
+            out["loss"] = model(ids, labels=ids, pixel_values=pixels).loss
+
+    def backward():
+        out["loss"].backward()
+        out["loss"] = out["loss"].detach()                     # no graph kept into the next step
+
+    def update():
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return (*measure_train_step(step, reps), trained, frozen, model.num_visual_tokens)
+    return (forward, backward, update), out, trained, frozen, model.num_visual_tokens
+
+
+def paper_step_stats(args, batch, text, reps):
+    """The paper-scale optimizer step (`paper_phases`): (loss, ms, peak GiB, trained, frozen, visual tokens)."""
+    phases, out, trained, frozen, V = paper_phases(args, batch, text)
+
+    def step():
+        for phase in phases:
+            phase()
+        return out["loss"].detach()
+    return (*measure_train_step(step, reps), trained, frozen, V)
 
 
 def bench_train_paper(args, bw):
@@ -878,6 +919,53 @@ def profile_train(args, bw):
                 f"GPU busy {busy:.1f} ms per step ({busy / ms:.0%})")]
 
 
+def kernel_kind(name):
+    """profile_paper's kinds of kernel, by name: our Triton kernels are the ones whose names start with _."""
+    kinds = (("attention", ("flash", "fmha", "attention")),                # before cutlass: fmha_cutlass...
+             ("matrix products (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
+             ("AdamW and clipping", ("multi_tensor", "foreach", "adam")))
+    kind = next((kind for kind, keys in kinds if any(key in name.lower() for key in keys)), None)
+    return kind or ("Triton (ours)" if name.startswith("_") else "other PyTorch (element-wise, copies, reductions)")
+
+
+def profile_paper(args, bw):
+    """Where the paper-scale stage-2 step's time goes (bench_train_paper's row, batch 16 x (729 + 256)): each phase's
+    time on the GPU's stream by CUDA events (forward with the loss, backward with the checkpointed recompute, the
+    update), then one step under torch.profiler: kernel time by kind of kernel, and its 25 longest kernels."""
+    batch, text = (2, 32) if args.quick else (16, 256)
+    phases, out, _, _, _ = paper_phases(args, batch, text)
+    names = ("forward", "backward", "update")
+    for _ in range(2):                                          # autotuning, then the optimizer's state
+        for phase in phases:
+            phase()
+    totals = dict.fromkeys(names, 0.0)
+    reps = 3
+    for _ in range(reps):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        events[0].record()
+        for phase, event in zip(phases, events[1:]):
+            phase()
+            event.record()
+        torch.cuda.synchronize()
+        for name, a, b in zip(names, events, events[1:]):
+            totals[name] += a.elapsed_time(b) / reps
+    kernels, busy = profiled(lambda: [phase() for phase in phases], 1)
+    kinds = {}
+    for e in kernels:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e3
+    print(f"[profile_paper] stage 2, b{batch}, one step")
+    print(kernels.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    rows = [Row("profile", f"paper stage 2 b{batch} {name}, ms", ms, "on the GPU's stream (CUDA events)")
+            for name, ms in totals.items()]
+    rows += [Row("profile", f"paper stage 2 b{batch} kernels: {kind}, ms", ms, f"{ms / busy:.0%} of GPU busy")
+             for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    del phases, phase, out                                      # the model and its optimizer, for release_memory
+    release_memory()
+    return rows
+
+
 def profile_ssd(args, bw):
     """Per-kernel CUDA times of one ssd_scan forward + backward at the 2.7B layer shape (torch.profiler)."""
     inp = ssd_inputs(4, 2048, 80, 64, 128)
@@ -914,7 +1002,7 @@ def profile_ssd(args, bw):
 SECTIONS = {"ssd": bench_ssd, "mixer": bench_mixer, "scan2d": bench_scan2d, "lm": bench_lm, "vision": bench_vision,
             "generate": bench_generate, "train": bench_train, "train_lm": bench_train_lm,
             "train_paper": bench_train_paper, "train_step": bench_train_step, "profile_ssd": profile_ssd,
-            "profile_train": profile_train, "profile_decode": profile_decode,
+            "profile_train": profile_train, "profile_paper": profile_paper, "profile_decode": profile_decode,
             "profile_prefill": profile_prefill, "sweep_decode": sweep_decode, "sweep_ssd": sweep_ssd}
 
 

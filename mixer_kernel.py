@@ -12,17 +12,20 @@ the time per token. Here each is one kernel forward and one backward:
 - `conv_step`       one token of it, shifting the conv state in place (forward only, for decoding)
 
 and, for decoding, the two projections with the norms and the conv step fused in (§3: `norm_in_proj_conv`,
-`gated_norm_out_proj`), so that a block is three kernels per token.
+`gated_norm_out_proj`), so that a block is three kernels per token (two with `norm_in_proj_ssd_step`, which runs the
+SSM step too).
 
 On tensors off a GPU, without TRITON_INTERPRET=1, each runs its reference, warning once (reference_off_gpu).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from einops import rearrange
 
-from ssd_kernel import cdiv, next_pow2, reference_off_gpu
+from ssd_kernel import _ssd_step_head, cdiv, next_pow2, reference_off_gpu, ssd_step_reference
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,6 +97,23 @@ def norm_in_proj_conv_reference(h, norm_weight, eps, in_proj, conv_state, conv_w
     p = F.linear(rms_norm_reference(h, norm_weight, eps).to(in_proj.weight.dtype), in_proj.weight, in_proj.bias)
     xBC = conv_step_reference(p[:, conv_start:conv_start + conv_dim], conv_state, conv_weight, conv_bias)
     return torch.cat([p[:, :conv_start], xBC, p[:, conv_start + conv_dim:]], dim=-1)
+
+
+def norm_in_proj_ssd_step_reference(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, ssm_state, A_log,
+                                    D=None, dt_bias=None):
+    """norm_in_proj_conv_reference, then SSD §3's step on p's x, B, C and dt, for Mamba-2's in_proj layout
+    p = [z, x, B, C, dt] (z and x of d_inner = nheads · headdim channels; Δ = softplus(dt + dt_bias), A = -exp(A_log)).
+    ssm_state (batch, nheads, headdim, d_state) advances in place. Returns p (batch, d_in_proj) and y (batch,
+    d_inner), both in in_proj's dtype."""
+    _, nheads, headdim, d_state = ssm_state.shape
+    d_inner, conv_dim = nheads * headdim, conv_state.shape[1]
+    p = norm_in_proj_conv_reference(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, d_inner)
+    x, B, C = torch.split(p[:, d_inner:d_inner + conv_dim], [d_inner, (conv_dim - d_inner) // 2,
+                                                            (conv_dim - d_inner) // 2], dim=-1)
+    y = ssd_step_reference(ssm_state, rearrange(x, "b (h p) -> b h p", p=headdim), p[:, d_inner + conv_dim:], None,
+                           rearrange(B, "b (g n) -> b g n", n=d_state), rearrange(C, "b (g n) -> b g n", n=d_state),
+                           D=D, dt_bias=dt_bias, dt_softplus=True, A_log=A_log)
+    return p, rearrange(y, "b h p -> b (h p)")
 
 
 def gated_norm_out_proj_reference(y, z, norm_weight, group_size, eps, out_proj, h):
@@ -548,23 +568,26 @@ def conv_step(x, conv_state, weight, bias=None):
 # channels sums the squares beside the products, and scales once at the end. Every program reads the whole (small)
 # input row rather than wait for another. Each row reads the weights again (L2 catches only some of the repeats), so
 # above one row cuBLAS's matrix products are faster: `Mamba2LM._decode_step` takes these at batch 1 only.
+#
+# norm_in_proj_ssd_step is norm_in_proj_conv with ssd_step inside: the program that writes the last of a head's
+# inputs (its x, its group's B and C, its dt; counted on a ticket per head) steps that head's state, so that the step
+# costs no launch and no ramp of its own. Its programs run last block first, so that B, C and dt are written early,
+# each head's x completes it, and the z blocks' weights still stream meanwhile. Interpreter-tested and compiled for
+# sm_90, not yet timed: `bench.py --only sweep_decode` times it against the three kernels before the model takes it.
 
 
 @triton.jit
-def _norm_in_proj_conv_kernel(
-    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
+def _norm_in_proj_conv_tile(
+    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, row, n0,
     N, K, conv_start, conv_dim, eps,
     stride_h, stride_s_b, stride_s_c, stride_out,
     HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """p = RMSNorm(h) Wᵀ + bias for BLOCK_N output channels of one row (W (N, K), in_proj's weight), as
-    p = (1 / rms(h)) · ((h ⊙ norm_w) Wᵀ) + bias; then on p's channels in [conv_start, conv_start + conv_dim), the
-    conv step: window = [state[:, 1:], p] → state, p ← SiLU(Σ_k conv_w[:, k] window[:, k] + conv_bias).
-
-    Must match norm_in_proj_conv_reference."""
-    row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """p = RMSNorm(h) Wᵀ + bias for the output channels n0 .. n0 + BLOCK_N of one row (W (N, K), in_proj's weight),
+    as p = (1 / rms(h)) · ((h ⊙ norm_w) Wᵀ) + bias; then on p's channels in [conv_start, conv_start + conv_dim), the
+    conv step: window = [state[:, 1:], p] → state, p ← SiLU(Σ_k conv_w[:, k] window[:, k] + conv_bias)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)                  # summed over the input channels at the end
     squares = tl.zeros((BLOCK_K,), tl.float32)
@@ -583,7 +606,7 @@ def _norm_in_proj_conv_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
     p = acc.to(out_ptr.dtype.element_ty)                                   # rounded as F.linear's output
-    if (pid_n * BLOCK_N < conv_start + conv_dim) & (pid_n * BLOCK_N + BLOCK_N > conv_start):
+    if (n0 < conv_start + conv_dim) & (n0 + BLOCK_N > conv_start):
         c = offs_n - conv_start                                            # conv channel of each output channel
         is_conv = (c >= 0) & (c < conv_dim)
         k = tl.arange(0, K_POW2)
@@ -600,6 +623,86 @@ def _norm_in_proj_conv_kernel(
             conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
         p = tl.where(is_conv, (conv * tl.sigmoid(conv)).to(p.dtype), p)
     tl.store(out_ptr + row * stride_out + offs_n, p, mask=in_n)
+
+
+@triton.jit
+def _norm_in_proj_conv_kernel(
+    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
+    N, K, conv_start, conv_dim, eps,
+    stride_h, stride_s_b, stride_s_c, stride_out,
+    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """_norm_in_proj_conv_tile for program (row, block of BLOCK_N output channels).
+
+    Must match norm_in_proj_conv_reference."""
+    _norm_in_proj_conv_tile(
+        h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, tl.program_id(0).to(tl.int64),
+        tl.program_id(1) * BLOCK_N, N, K, conv_start, conv_dim, eps, stride_h, stride_s_b, stride_s_c, stride_out,
+        HAS_BIAS, HAS_CONV_BIAS, D_CONV, K_POW2, BLOCK_N, BLOCK_K, STAGES)
+
+
+@triton.jit
+def _overlap(lo, hi, n0, n1):
+    """The length of [lo, hi) ∩ [n0, n1)."""
+    return tl.maximum(tl.minimum(hi, n1) - tl.maximum(lo, n0), 0)
+
+
+@triton.jit
+def _norm_in_proj_ssd_step_kernel(
+    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
+    ssm_ptr, A_log_ptr, D_ptr, dt_bias_ptr, y_ptr, tickets_ptr,
+    N, K, conv_start, conv_dim, eps, nheads, heads_per_group, P, N_STATE,
+    block_step, stride_h, stride_s_b, stride_s_c, stride_out, stride_ssm_b, stride_ssm_h, stride_ssm_p, stride_y,
+    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    HEADS_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NS: tl.constexpr,
+):
+    """_norm_in_proj_conv_tile, then SSD §3's step (_ssd_step_head) for each head whose inputs this program was the
+    last to write. p's layout is Mamba-2's in_proj output [z, x, B, C, dt], x starting at conv_start: a head needs its
+    P channels of x, its group's N_STATE of B and of C, and its dt. Each program adds how many of those channels it
+    wrote to each head's ticket; the program that brings a ticket to P + 2 N_STATE + 1 steps that head and puts the
+    ticket back to zero for the next call. Program pid writes block ((pid + 1) · block_step) mod (number of blocks),
+    a permutation for a block_step coprime to that number. The default, -1, runs the last block first: the programs
+    that write B, C and dt come first and the x of a head completes it, while the blocks of z still stream their
+    weights. (The results do not depend on the order; the tests run several.)
+
+    Must match norm_in_proj_ssd_step_reference."""
+    row = tl.program_id(1).to(tl.int64)
+    n0 = ((tl.program_id(0) + 1) * block_step) % tl.num_programs(0) * BLOCK_N
+    _norm_in_proj_conv_tile(
+        h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, row, n0, N, K, conv_start,
+        conv_dim, eps, stride_h, stride_s_b, stride_s_c, stride_out, HAS_BIAS, HAS_CONV_BIAS, D_CONV, K_POW2, BLOCK_N,
+        BLOCK_K, STAGES)
+    # where head h's inputs lie in p: x[h] (P channels), B and C of its group (N_STATE each), dt[h]
+    heads = tl.arange(0, HEADS_POW2)
+    d_inner = nheads * P
+    b0 = conv_start + d_inner + (heads // heads_per_group) * N_STATE
+    c0 = b0 + (conv_dim - d_inner) // 2
+    x0, dt0 = conv_start + heads * P, conv_start + conv_dim + heads
+    # how many of them this program wrote
+    n1 = tl.minimum(n0 + BLOCK_N, N)
+    count = (_overlap(x0, x0 + P, n0, n1) + _overlap(b0, b0 + N_STATE, n0, n1) + _overlap(c0, c0 + N_STATE, n0, n1)
+             + _overlap(dt0, dt0 + 1, n0, n1))
+    count = tl.where(heads < nheads, count, 0)                             # (HEADS_POW2,)
+    tl.debug_barrier()                                                      # all of this block's p, then its tickets
+    tickets = tickets_ptr + row * nheads + heads
+    old = tl.atomic_add(tickets, count, mask=count > 0, sem="acq_rel")      # acquire: the other blocks' p is seen
+    ready = (count > 0) & (old + count == P + 2 * N_STATE + 1)
+    tl.debug_barrier()
+    head = tl.min(tl.where(ready, heads, HEADS_POW2), axis=0)
+    while head < nheads:                                                    # usually no head, or one
+        p_row = out_ptr + row * stride_out
+        B_ptr = p_row + conv_start + d_inner + (head // heads_per_group) * N_STATE
+        for p0 in range(0, P, BLOCK_P):
+            _ssd_step_head(ssm_ptr + row * stride_ssm_b + head * stride_ssm_h, p_row + conv_start + head * P,
+                           p_row + conv_start + conv_dim + head, A_log_ptr, B_ptr, B_ptr + (conv_dim - d_inner) // 2,
+                           D_ptr, dt_bias_ptr, y_ptr + row * stride_y + head * P, head, p0 + tl.arange(0, BLOCK_P), P,
+                           N_STATE, stride_ssm_p, HAS_D, HAS_DT_BIAS, True, True, BLOCK_NS)
+        tl.store(tickets_ptr + row * nheads + head, 0)
+        ready = ready & (heads != head)
+        head = tl.min(tl.where(ready, heads, HEADS_POW2), axis=0)
 
 
 @triton.jit
@@ -662,6 +765,30 @@ def _check_decode_inputs(caller, x, norm_weight, linear, *others):
                          f"contiguous; got {tuple(linear.weight.shape)} and {tuple(norm_weight.shape)}")
 
 
+def _check_conv_step_inputs(caller, batch, N, conv_state, conv_weight, conv_bias, conv_start):
+    """(conv_dim, d_conv) of a conv step over in_proj's output channels [conv_start, conv_start + conv_dim)."""
+    if conv_state.dim() != 3 or conv_state.shape[0] != batch or conv_state.stride(-1) != 1:
+        raise ValueError(f"{caller}: conv_state must be ({batch}, conv_dim, d_conv), contiguous in d_conv; "
+                         f"got {tuple(conv_state.shape)}")
+    conv_dim, d_conv = conv_state.shape[1:]
+    if not 0 <= conv_start <= N - conv_dim or conv_weight.numel() != conv_dim * d_conv or (
+            conv_bias is not None and conv_bias.shape != (conv_dim,)):
+        raise ValueError(f"{caller}: the conv's {conv_dim} channels must lie within in_proj's {N} outputs "
+                         f"(from conv_start {conv_start}), with weight ({conv_dim}, 1, {d_conv}) and bias "
+                         f"({conv_dim},); got {tuple(conv_weight.shape)} and "
+                         f"{tuple(conv_bias.shape) if conv_bias is not None else None}")
+    return conv_dim, d_conv
+
+
+def _conv_args(in_proj, conv_state, conv_weight, conv_bias, h):
+    """The arguments the in_proj kernels share after the input, the norm's weight and the output: in_proj's weight
+    and bias, the conv's state, weight and bias (an absent bias is passed as h, unread)."""
+    conv_dim, d_conv = conv_state.shape[1:]
+    bias = in_proj.bias
+    return (in_proj.weight, bias if bias is not None else h, conv_state,
+            conv_weight.reshape(conv_dim, d_conv).contiguous(), conv_bias if conv_bias is not None else h)
+
+
 @reference_off_gpu(norm_in_proj_conv_reference)
 def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias=None, conv_start=0):
     """As norm_in_proj_conv_reference, one kernel (forward only): h (batch, d_model), contiguous in channels;
@@ -669,26 +796,75 @@ def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, con
     _check_decode_inputs("norm_in_proj_conv", h, norm_weight, in_proj, conv_weight, conv_bias)
     batch, K = h.shape
     N = in_proj.weight.shape[0]
-    if conv_state.dim() != 3 or conv_state.shape[0] != batch or conv_state.stride(-1) != 1:
-        raise ValueError(f"norm_in_proj_conv: conv_state must be ({batch}, conv_dim, d_conv), contiguous in d_conv; "
-                         f"got {tuple(conv_state.shape)}")
-    conv_dim, d_conv = conv_state.shape[1:]
-    if not 0 <= conv_start <= N - conv_dim or conv_weight.numel() != conv_dim * d_conv or (
-            conv_bias is not None and conv_bias.shape != (conv_dim,)):
-        raise ValueError(f"norm_in_proj_conv: the conv's {conv_dim} channels must lie within in_proj's {N} outputs "
-                         f"(from conv_start {conv_start}), with weight ({conv_dim}, 1, {d_conv}) and bias "
-                         f"({conv_dim},); got {tuple(conv_weight.shape)} and "
-                         f"{tuple(conv_bias.shape) if conv_bias is not None else None}")
+    conv_dim, d_conv = _check_conv_step_inputs("norm_in_proj_conv", batch, N, conv_state, conv_weight, conv_bias,
+                                               conv_start)
     out = torch.empty(batch, N, dtype=in_proj.weight.dtype, device=h.device)
     bn, bk, stages, warps = _IN_PROJ_TILE
-    bias = in_proj.bias
     _norm_in_proj_conv_kernel[(batch, cdiv(N, bn))](
-        h, norm_weight, in_proj.weight, bias if bias is not None else h, conv_state,
-        conv_weight.reshape(conv_dim, d_conv).contiguous(), conv_bias if conv_bias is not None else h, out,
+        h, norm_weight, *_conv_args(in_proj, conv_state, conv_weight, conv_bias, h), out,
         N, K, conv_start, conv_dim, eps, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, K_POW2=next_pow2(d_conv),
-        BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, num_warps=warps)
+        HAS_BIAS=in_proj.bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv,
+        K_POW2=next_pow2(d_conv), BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, num_warps=warps)
     return out
+
+
+# norm_in_proj_ssd_step: state elements per step of its SSM step (1024: 80 registers on sm_90, as in_proj's own
+# kernel, so that as many programs fit an SM; 96 at ssd_step's 4096), and the order of its programs' blocks (-1: the
+# last first; see the kernel)
+_IN_PROJ_STEP_TILE = 1024
+_BLOCK_STEP = -1
+_TICKETS = {}   # (device, batch x heads) -> int32 zeros, norm_in_proj_ssd_step's tickets, put back to zero by each launch
+
+
+def _tickets(device, n):
+    """n zeroed tickets on device, shared by the calls of that size (one stream at a time), never freed: a CUDA graph
+    keeps their address. Allocated at the first call, which the CUDA graph decoder makes before it captures."""
+    tickets = _TICKETS.get((device, n))
+    if tickets is None:
+        tickets = _TICKETS[device, n] = torch.zeros(n, dtype=torch.int32, device=device)
+    return tickets
+
+
+@reference_off_gpu(norm_in_proj_ssd_step_reference)
+def norm_in_proj_ssd_step(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, ssm_state, A_log, D=None,
+                          dt_bias=None):
+    """As norm_in_proj_ssd_step_reference, one kernel (forward only): norm_in_proj_conv's, whose programs also run
+    ssd_step's for each head as soon as its inputs are written. h, conv_state and conv_weight as norm_in_proj_conv
+    takes them; ssm_state (batch, nheads, headdim, d_state), contiguous in d_state; A_log, D, dt_bias (nheads,)."""
+    caller = "norm_in_proj_ssd_step"
+    _check_decode_inputs(caller, h, norm_weight, in_proj, conv_weight, conv_bias, A_log, D, dt_bias)
+    batch, K = h.shape
+    N = in_proj.weight.shape[0]
+    if ssm_state.dim() != 4 or ssm_state.shape[0] != batch or ssm_state.stride(-1) != 1:
+        raise ValueError(f"{caller}: ssm_state must be ({batch}, nheads, headdim, d_state), contiguous in d_state; "
+                         f"got {tuple(ssm_state.shape)}")
+    _, nheads, headdim, d_state = ssm_state.shape
+    d_inner = nheads * headdim
+    conv_dim, d_conv = _check_conv_step_inputs(caller, batch, N, conv_state, conv_weight, conv_bias, d_inner)
+    ngroups = (conv_dim - d_inner) // (2 * d_state)
+    if N != d_inner + conv_dim + nheads or ngroups < 1 or conv_dim != d_inner + 2 * ngroups * d_state or (
+            nheads % ngroups) or any(t is not None and t.shape != (nheads,) for t in (A_log, D, dt_bias)):
+        raise ValueError(f"{caller}: in_proj's {N} outputs must be Mamba-2's [z, x, B, C, dt] for {nheads} heads of "
+                         f"{headdim} channels and d_state {d_state} (conv_dim {conv_dim}), with A_log, D and dt_bias "
+                         f"({nheads},)")
+    out = torch.empty(batch, N, dtype=in_proj.weight.dtype, device=h.device)
+    y = torch.empty(batch, d_inner, dtype=out.dtype, device=h.device)
+    bn, bk, stages, warps = _IN_PROJ_TILE
+    n_blocks, block_ns = cdiv(N, bn), max(16, next_pow2(d_state))
+    if math.gcd(_BLOCK_STEP, n_blocks) != 1:
+        raise ValueError(f"{caller}: _BLOCK_STEP {_BLOCK_STEP} must be coprime to the {n_blocks} blocks of outputs")
+    _norm_in_proj_ssd_step_kernel[(n_blocks, batch)](
+        h, norm_weight, *_conv_args(in_proj, conv_state, conv_weight, conv_bias, h), out,
+        ssm_state, A_log, D if D is not None else A_log, dt_bias if dt_bias is not None else A_log, y,
+        _tickets(h.device, batch * nheads), N, K, d_inner, conv_dim, eps, nheads, nheads // ngroups, headdim, d_state,
+        _BLOCK_STEP % n_blocks, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0), ssm_state.stride(0),
+        ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
+        HAS_BIAS=in_proj.bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv,
+        K_POW2=next_pow2(d_conv), HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_N=bn,
+        BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, HEADS_POW2=next_pow2(nheads),
+        BLOCK_P=max(1, min(next_pow2(headdim), _IN_PROJ_STEP_TILE // block_ns)), BLOCK_NS=block_ns,
+        num_warps=warps)
+    return out, y
 
 
 @reference_off_gpu(gated_norm_out_proj_reference)
