@@ -813,7 +813,7 @@ def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, con
 # last first; see the kernel)
 _IN_PROJ_STEP_TILE = 1024
 _BLOCK_STEP = -1
-_TICKETS = {}   # (device, batch x heads) -> int32 zeros, norm_in_proj_ssd_step's tickets, put back to zero by each launch
+_TICKETS = {}   # (device, batch x heads) -> norm_in_proj_ssd_step's int32 tickets, put back to zero by each launch
 
 
 def _tickets(device, n):
@@ -857,8 +857,8 @@ def norm_in_proj_ssd_step(h, norm_weight, eps, in_proj, conv_state, conv_weight,
         h, norm_weight, *_conv_args(in_proj, conv_state, conv_weight, conv_bias, h), out,
         ssm_state, A_log, D if D is not None else A_log, dt_bias if dt_bias is not None else A_log, y,
         _tickets(h.device, batch * nheads), N, K, d_inner, conv_dim, eps, nheads, nheads // ngroups, headdim, d_state,
-        _BLOCK_STEP % n_blocks, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0), ssm_state.stride(0),
-        ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
+        _BLOCK_STEP % n_blocks, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+        *ssm_state.stride()[:3], y.stride(0),
         HAS_BIAS=in_proj.bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv,
         K_POW2=next_pow2(d_conv), HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_N=bn,
         BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, HEADS_POW2=next_pow2(nheads),
