@@ -542,7 +542,7 @@ def sweep_decode(args, bw):
         step_."""
         with contextlib.ExitStack() as stack:
             for name, value in values.items():
-                stack.enter_context(_replaced(vars(today[name][0]), {name: value}))
+                stack.enter_context(mock.patch.object(today[name][0], name, value))
             stack.enter_context(mock.patch.object(Mamba2Block, "step_", step_))
             decoder = CUDAGraphDecoder(lm)
             cache = decoder.allocate_cache(1)

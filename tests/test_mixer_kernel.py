@@ -97,7 +97,7 @@ def test_norm_in_proj_ssd_step(batch, nheads, headdim, d_state, ngroups, bias, d
     """in_proj, the conv step and the SSM step in one launch against the float64 reference, two tokens in a row (the
     second finds the tickets back at zero): p, y and both states. Tiles of 16 output channels cut heads of 12 and 8
     channels and d_state 10 apart, so a head's inputs come from several programs; 8 rows of the state per step, so
-    heads of 12 end in a partial one. The interpreter runs the programs one by one: in the model's order (the last
+    heads of 12 end in a partial one. The interpreter runs the programs one by one: in the default order (the last
     block first), in the blocks' own and in a shuffled one (3: the 10 and 11 blocks here in steps of 3), a head's
     ticket must wait for all of its inputs; in the last, x is written after z, B, C and dt for some heads."""
     monkeypatch.setattr(mixer_kernel, "_IN_PROJ_STEP_TILE", 128)
