@@ -504,68 +504,44 @@ def profile_decode(args, bw):
                 f"GPU busy {busy:.3f} ms per step ({busy / ms:.0%})")]
 
 
-def step_with_ssd_in_in_proj(block, h, conv_state, ssm_h):
-    """The candidate for `Mamba2Block.step_`: two kernels a block, the SSM step run by in_proj's kernel
-    (mixer_kernel.norm_in_proj_ssd_step) instead of a kernel of its own between the projections. Written, tested
-    under the interpreter and compiled for sm_90, not yet timed: sweep_decode times it against today's three."""
-    from mixer_kernel import gated_norm_out_proj, norm_in_proj_ssd_step
-    m = block.mixer
-    p, y = norm_in_proj_ssd_step(h, block.norm.weight, block.norm.eps, m.in_proj, conv_state, m.conv1d.weight,
-                                 m.conv1d.bias, ssm_h, m.A_log, m.D, m.dt_bias)
-    return gated_norm_out_proj(y, p[:, :m.config.d_inner], m.norm.weight, m.norm.group_size, m.norm.eps, m.out_proj,
-                               h)
-
-
 @torch.no_grad()
 def sweep_decode(args, bw):
-    """Variants of the decoding step, each timed as the whole batch-1 step through a freshly captured CUDA graph at the
-    2.7B shape: `step_with_ssd_in_in_proj` (its logits against today's step's), then one constant at a time,
-    mixer_kernel's _IN_PROJ_TILE and _OUT_PROJ_TILE (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE,
-    then each constant's winner together. A variant that fails is reported and skipped."""
+    """Variants of the decoding kernels' tiles, one constant at a time, each timed as the whole batch-1 step through
+    a freshly captured CUDA graph at the 2.7B shape: a sweep for mixer_kernel's _IN_PROJ_TILE and _OUT_PROJ_TILE
+    (BLOCK_N, BLOCK_K, stages, warps) and ssd_kernel's _STEP_TILE, then each constant's winner together. A variant
+    that fails is reported and skipped."""
     import mixer_kernel
     import ssd_kernel
-    from unittest import mock
     from generate import CUDAGraphDecoder
-    from mlmamba import Mamba2Block, Mamba2LM
+    from mlmamba import Mamba2LM
     with torch.device("cuda"):
         lm = Mamba2LM(lm_config(args.quick)).to(torch.bfloat16).eval()
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     today = {name: (module, vars(module)[name]) for module, name in
-             ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"),
-              (mixer_kernel, "_IN_PROJ_STEP_TILE"))}
+             ((ssd_kernel, "_STEP_TILE"), (mixer_kernel, "_IN_PROJ_TILE"), (mixer_kernel, "_OUT_PROJ_TILE"))}
     candidates = {"_STEP_TILE": (512, 1024, 2048),
                   "_OUT_PROJ_TILE": ((8, 512, 1, 8), (4, 512, 1, 4), (16, 512, 2, 8), (8, 1024, 2, 8), (32, 256, 1, 8)),
                   "_IN_PROJ_TILE": ((32, 256, 3, 8), (16, 512, 2, 4), (8, 256, 3, 4), (8, 512, 1, 4))}
 
-    def step_ms(values, step_=Mamba2Block.step_):
-        """(ms per token, the first 4 tokens' logits) with these constants in place of today's, blocks stepping by
-        step_."""
+    def step_ms(values):
+        """ms per token with these constants in place of today's."""
         with contextlib.ExitStack() as stack:
             for name, value in values.items():
-                stack.enter_context(mock.patch.object(today[name][0], name, value))
-            stack.enter_context(mock.patch.object(Mamba2Block, "step_", step_))
+                stack.enter_context(_replaced(vars(today[name][0]), {name: value}))
             decoder = CUDAGraphDecoder(lm)
             cache = decoder.allocate_cache(1)
-            logits = torch.stack([decoder.step(token, cache).float().clone() for _ in range(4)])
-            return wall_ms(lambda: decoder.step(token, cache), 200), logits
+            for _ in range(3):
+                decoder.step(token, cache)
+            return wall_ms(lambda: decoder.step(token, cache), 200)
 
-    base, base_logits = step_ms({})
+    base = step_ms({})
     rows = [Row("sweep", "decode step, today's tiles", base, "ms per token, batch 1, CUDA graph")]
-    for tile in (1024, 4096):
-        try:
-            ms, logits = step_ms({"_IN_PROJ_STEP_TILE": tile}, step_with_ssd_in_in_proj)
-        except Exception as e:
-            print(f"[sweep_decode] the SSM step in in_proj's kernel, tile {tile}: {type(e).__name__}: {e}")
-            continue
-        diff = (logits - base_logits).abs().max().item()
-        rows.append(Row("sweep", f"decode step, the SSM step in in_proj's kernel, _IN_PROJ_STEP_TILE = {tile}", ms,
-                        f"ms per token; logits off today's by {diff:.3g} (4 tokens)"))
     winners = {}
     for name, values in candidates.items():
         best = (base, today[name][1])
         for value in values:
             try:
-                ms = step_ms({name: value})[0]
+                ms = step_ms({name: value})
             except Exception as e:                  # e.g. a tile that does not fit: the other variants still run
                 print(f"[sweep_decode] {name} = {value}: {type(e).__name__}: {e}")
                 continue
@@ -574,7 +550,7 @@ def sweep_decode(args, bw):
         if best[1] != today[name][1]:
             winners[name] = best[1]
     if winners:
-        rows.append(Row("sweep", f"decode step, the winners together: {winners}", step_ms(winners)[0], "ms per token"))
+        rows.append(Row("sweep", f"decode step, the winners together: {winners}", step_ms(winners), "ms per token"))
     return rows
 
 

@@ -12,20 +12,17 @@ the time per token. Here each is one kernel forward and one backward:
 - `conv_step`       one token of it, shifting the conv state in place (forward only, for decoding)
 
 and, for decoding, the two projections with the norms and the conv step fused in (§3: `norm_in_proj_conv`,
-`gated_norm_out_proj`), so that a block is three kernels per token (two with `norm_in_proj_ssd_step`, which runs the
-SSM step too).
+`gated_norm_out_proj`), so that a block is three kernels per token.
 
 On tensors off a GPU, without TRITON_INTERPRET=1, each runs its reference, warning once (reference_off_gpu).
 """
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from einops import rearrange
 
-from ssd_kernel import _ssd_step_head, cdiv, next_pow2, reference_off_gpu, ssd_step_reference
+from ssd_kernel import cdiv, next_pow2, reference_off_gpu
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,23 +94,6 @@ def norm_in_proj_conv_reference(h, norm_weight, eps, in_proj, conv_state, conv_w
     p = F.linear(rms_norm_reference(h, norm_weight, eps).to(in_proj.weight.dtype), in_proj.weight, in_proj.bias)
     xBC = conv_step_reference(p[:, conv_start:conv_start + conv_dim], conv_state, conv_weight, conv_bias)
     return torch.cat([p[:, :conv_start], xBC, p[:, conv_start + conv_dim:]], dim=-1)
-
-
-def norm_in_proj_ssd_step_reference(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, ssm_state, A_log,
-                                    D=None, dt_bias=None):
-    """norm_in_proj_conv_reference, then SSD §3's step on p's x, B, C and dt, for Mamba-2's in_proj layout
-    p = [z, x, B, C, dt] (z and x of d_inner = nheads · headdim channels; Δ = softplus(dt + dt_bias), A = -exp(A_log)).
-    ssm_state (batch, nheads, headdim, d_state) advances in place. Returns p (batch, d_in_proj) and y (batch,
-    d_inner), both in in_proj's dtype."""
-    _, nheads, headdim, d_state = ssm_state.shape
-    d_inner, conv_dim = nheads * headdim, conv_state.shape[1]
-    p = norm_in_proj_conv_reference(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, d_inner)
-    x, B, C = torch.split(p[:, d_inner:d_inner + conv_dim], [d_inner, (conv_dim - d_inner) // 2,
-                                                            (conv_dim - d_inner) // 2], dim=-1)
-    y = ssd_step_reference(ssm_state, rearrange(x, "b (h p) -> b h p", p=headdim), p[:, d_inner + conv_dim:], None,
-                           rearrange(B, "b (g n) -> b g n", n=d_state), rearrange(C, "b (g n) -> b g n", n=d_state),
-                           D=D, dt_bias=dt_bias, dt_softplus=True, A_log=A_log)
-    return p, rearrange(y, "b h p -> b (h p)")
 
 
 def gated_norm_out_proj_reference(y, z, norm_weight, group_size, eps, out_proj, h):
@@ -281,22 +261,13 @@ def gated_rms_norm(y, z, weight, group_size, eps):
 
 
 @triton.jit
-def _causal_conv1d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, out_ptr,
-    seqlen, channels,
-    stride_x_b, stride_x_l, stride_s_b, stride_s_c, stride_out_b, stride_out_l,
-    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, D_CONV: tl.constexpr, X_ALIGN: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """A (BLOCK_L, BLOCK_C) tile of out_t = SiLU(bias + Σ_k w[:, k] ⊙ x_{t-D_CONV+1+k}), summed in float32. Before
-    t = 0: zeros, or with HAS_STATE the conv state (batch, channels, D_CONV), whose column j holds x_{j-D_CONV}.
-    X_ALIGN, as in _causal_conv1d_bwd_kernel: x's rows load as vectors.
-
-    Must match causal_conv1d_reference."""
-    b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = offs_c < channels
+def _conv_pre(x_ptr, w_ptr, bias_ptr, state_ptr, b, offs_l, offs_c, in_c, seqlen, stride_x_b, stride_x_l,
+              stride_s_b, stride_s_c, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, D_CONV: tl.constexpr,
+              X_ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """pre_t = bias + Σ_k w[:, k] ⊙ x_{t-D_CONV+1+k} for positions offs_l and channels offs_c, float32: the
+    convolution before SiLU, shared by the forward and the backward (which recomputes it). Before t = 0: zeros, or
+    with HAS_STATE the conv state (batch, channels, D_CONV), whose column j holds x_{j-D_CONV}. X_ALIGN, a power of two
+    dividing both of x's strides, lets x's rows load as vectors when xBC is a slice of a wider projection."""
     pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
         pre += tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)[None, :]
@@ -310,117 +281,107 @@ def _causal_conv1d_fwd_kernel(
                          mask=(t < 0)[:, None] & in_c[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_c * D_CONV + k, mask=in_c, other=0.0)
         pre += x * w.to(tl.float32)[None, :]
+    return pre
+
+
+@triton.jit
+def _causal_conv1d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, out_ptr,
+    seqlen, channels,
+    stride_x_b, stride_x_l, stride_s_b, stride_s_c, stride_out_b, stride_out_l,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, D_CONV: tl.constexpr, X_ALIGN: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """A (BLOCK_L, BLOCK_C) tile of out_t = SiLU(pre_t) (_conv_pre).
+
+    Must match causal_conv1d_reference."""
+    b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = offs_c < channels
+    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, state_ptr, b, offs_l, offs_c, in_c, seqlen, stride_x_b, stride_x_l,
+                    stride_s_b, stride_s_c, HAS_BIAS, HAS_STATE, D_CONV, X_ALIGN, BLOCK_L, BLOCK_C)
     tl.store(out_ptr + b * stride_out_b + offs_l[:, None] * stride_out_l + offs_c[None, :], pre * tl.sigmoid(pre),
              mask=(offs_l < seqlen)[:, None] & in_c[None, :])
 
 
 @triton.jit
-def _causal_conv1d_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
-    seqlen, channels, range_l,
+def _causal_conv1d_bwd_dpre_kernel(
+    x_ptr, w_ptr, bias_ptr, dout_ptr, dpre_ptr, dbias_ptr,
+    seqlen, channels,
     stride_x_b, stride_x_l, stride_dout_b, stride_dout_l, stride_dpre_b, stride_dpre_l,
-    HAS_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr, X_ALIGN: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, D_CONV: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """The first half of _causal_conv1d_fwd_kernel's gradients, over range_l positions of one batch row: positions
-    [r·range_l, min((r+1)·range_l, seqlen)) of BLOCK_C channels, r = program_id(1). With pre_t the convolution before
-    SiLU (recomputed from x rather than stored):
+    """The first half of _causal_conv1d_fwd_kernel's gradients, for one tile, pre recomputed (_conv_pre) rather than
+    stored:
 
         dpre_t = dout_t ⊙ σ(pre_t)(1 + pre_t(1 − σ(pre_t)))      stored in dout's dtype
-        dw_k   = Σ_t dpre_t ⊙ x_{t-D_CONV+1+k},   dbias = Σ_t dpre_t
+        dbias  = Σ_t dpre_t                                      this tile's positions: one partial row per L-block
 
-    The program walks its range BLOCK_L positions at a time, adding dpre_t ⊙ x_{t-D_CONV+1+k} and dpre_t element-wise
-    into float32 tiles, and sums those over positions once, after the walk: dw (D_CONV, channels) and dbias
-    (channels,) are partial sums, one per (batch, range), that the caller adds up. range_l is a multiple of BLOCK_L.
-    The taps are a padded axis of K_POW2 = next_pow2(D_CONV); X_ALIGN, a power of two dividing both of x's strides,
-    lets x's rows load as vectors when xBC is a slice of a wider projection.
-    _causal_conv1d_bwd_dx_kernel then takes dpre to dx. Together they must match the autograd gradients of
+    _causal_conv1d_bwd_dx_kernel then takes dpre to dx and dw. Together they must match the autograd gradients of
     causal_conv1d_reference without a conv_state."""
-    b, pid_r, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    offs_k = tl.arange(0, K_POW2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = offs_c < channels
-    in_kc = (offs_k < D_CONV)[:, None] & in_c[None, :]                                      # (K_POW2, BLOCK_C)
-    w = tl.load(w_ptr + offs_c[None, :] * D_CONV + offs_k[:, None], mask=in_kc, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)
-    dw = tl.zeros((K_POW2, BLOCK_L, BLOCK_C), dtype=tl.float32)       # [k, i, c]: Σ dpre_t ⊙ x_{t-D_CONV+1+k}
-    dbias = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)             # [i, c]: Σ dpre_t, t ≡ i (mod BLOCK_L)
-    start = pid_r * range_l
-    end = tl.minimum(start + range_l, seqlen)
-    for l0 in range(start, end, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        in_tile = (offs_l < end)[:, None] & in_c[None, :]                                   # (BLOCK_L, BLOCK_C)
-        t = offs_l[None, :] - (D_CONV - 1) + offs_k[:, None]           # (K_POW2, BLOCK_L): the input tap k reads
-        x_rows = tl.multiple_of(b * stride_x_b + t * stride_x_l, (X_ALIGN, X_ALIGN))
-        x = tl.load(x_ptr + x_rows[:, :, None] + offs_c[None, None, :],
-                    mask=(t >= 0)[:, :, None] & in_tile[None, :, :] & in_kc[:, None, :], other=0.0).to(tl.float32)
-        pre = tl.sum(x * w[:, None, :], axis=0) + bias[None, :]                             # (BLOCK_L, BLOCK_C)
-        dout = tl.load(dout_ptr + b * stride_dout_b + offs_l[:, None] * stride_dout_l + offs_c[None, :], mask=in_tile,
-                       other=0.0)
-        sig = tl.sigmoid(pre)
-        dpre = dout.to(tl.float32) * sig * (1 + pre * (1 - sig))
-        tl.store(dpre_ptr + b * stride_dpre_b + offs_l[:, None] * stride_dpre_l + offs_c[None, :], dpre.to(dout.dtype),
-                 mask=in_tile)
-        dw += dpre[None, :, :] * x
-        dbias += dpre
-    part = b * tl.num_programs(1) + pid_r                                                   # this (batch, range)
-    tl.store(dw_ptr + (part * D_CONV + offs_k[:, None]) * channels + offs_c[None, :], tl.sum(dw, axis=1), mask=in_kc)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part * channels + offs_c, tl.sum(dbias, axis=0), mask=in_c)
-
-
-@triton.jit
-def _causal_conv1d_bwd_dx_kernel(
-    dpre_ptr, w_ptr, dx_ptr,
-    seqlen, channels,
-    stride_dpre_b, stride_dpre_l, stride_dx_b, stride_dx_l,
-    D_CONV: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dx_s = Σ_j w[:, D_CONV-1-j] ⊙ dpre_{s+j} for one tile: each input feeds the next D_CONV outputs, so its
-    gradient is the convolution run backwards in time with the taps reversed. The second half of the gradients after
-    _causal_conv1d_bwd_kernel."""
     b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = offs_c < channels
+    in_tile = (offs_l < seqlen)[:, None] & in_c[None, :]
+    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, x_ptr, b, offs_l, offs_c, in_c, seqlen, stride_x_b, stride_x_l, 0, 0,
+                    HAS_BIAS, False, D_CONV, X_ALIGN, BLOCK_L, BLOCK_C)
+    dout = tl.load(dout_ptr + b * stride_dout_b + offs_l[:, None] * stride_dout_l + offs_c[None, :], mask=in_tile,
+                   other=0.0)
+    sig = tl.sigmoid(pre)
+    dpre = dout.to(tl.float32) * sig * (1 + pre * (1 - sig))
+    tl.store(dpre_ptr + b * stride_dpre_b + offs_l[:, None] * stride_dpre_l + offs_c[None, :], dpre.to(dout.dtype),
+             mask=in_tile)
+    if HAS_BIAS:
+        part = b * tl.num_programs(1) + pid_l                                 # this (batch, L-block)
+        tl.store(dbias_ptr + part * channels + offs_c, tl.sum(dpre, axis=0), mask=in_c)     # 0 where dout is masked
+
+
+@triton.jit
+def _causal_conv1d_bwd_dx_kernel(
+    dpre_ptr, w_ptr, x_ptr, dx_ptr, dw_ptr,
+    seqlen, channels,
+    stride_dpre_b, stride_dpre_l, stride_x_b, stride_x_l, stride_dx_b, stride_dx_l,
+    D_CONV: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The second half of the gradients, after _causal_conv1d_bwd_dpre_kernel, for one tile of input positions s:
+    each input x_s feeds the next D_CONV outputs, through the taps reversed, so with j = D_CONV-1-k
+
+        dx_s = Σ_j w[:, D_CONV-1-j] ⊙ dpre_{s+j}
+        dw_k = Σ_s dpre_{s+j} ⊙ x_s                  this tile's positions: one partial (D_CONV, channels) per L-block
+
+    (dw_k = Σ_t dpre_t ⊙ x_{t-D_CONV+1+k} with s = t-D_CONV+1+k; the x_s before 0 are zeros.)"""
+    b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = offs_c < channels
+    in_tile = (offs_l < seqlen)[:, None] & in_c[None, :]
+    x_rows = tl.multiple_of(b * stride_x_b + offs_l * stride_x_l, X_ALIGN)
+    x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :], mask=in_tile, other=0.0).to(tl.float32)
+    part = b * tl.num_programs(1) + pid_l                                     # this (batch, L-block)
     dx = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(D_CONV):
         t = offs_l + j
         dpre = tl.load(dpre_ptr + b * stride_dpre_b + t[:, None] * stride_dpre_l + offs_c[None, :],
-                       mask=(t < seqlen)[:, None] & in_c[None, :], other=0.0)
+                       mask=(t < seqlen)[:, None] & in_c[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_c * D_CONV + (D_CONV - 1 - j), mask=in_c, other=0.0)
-        dx += dpre.to(tl.float32) * w.to(tl.float32)[None, :]
-    tl.store(dx_ptr + b * stride_dx_b + offs_l[:, None] * stride_dx_l + offs_c[None, :], dx,
-             mask=(offs_l < seqlen)[:, None] & in_c[None, :])
+        dx += dpre * w.to(tl.float32)[None, :]
+        tl.store(dw_ptr + (part * D_CONV + D_CONV - 1 - j) * channels + offs_c, tl.sum(dpre * x, axis=0), mask=in_c)
+    tl.store(dx_ptr + b * stride_dx_b + offs_l[:, None] * stride_dx_l + offs_c[None, :], dx, mask=in_tile)
 
 
-# Tiles. The forward and dx kernels: within 10% of their best at 32 positions x 128 channels, from a sweep on an H200
-# at the 130M training shape. The backward carries D_CONV + 1 float32 accumulator tiles through its walk over
-# positions, so its tile is small: 8 x 64 with 2 warps took 248 µs there (Triton 3.6), 16 x 64 with 4 warps 256,
-# 8 x 128 with 4 warps 436 and 16 x 128 937 (register spills). Its previous form, one tile per program, each storing
-# D_CONV + 1 partial rows, took 266 µs at 64 x 128.
+# Tiles, the forward's and the backward's: within 10% of their best at 32 positions x 128 channels, from a sweep of
+# the forward and the dx kernel on an H200 at the 130M training shape. The backward's partial sums are one row of
+# (D_CONV + 1) x channels floats per (batch, L-block). (The backward before 2026-12-07 summed dw in (D_CONV, L, C)
+# float32 tiles in one kernel, which held its tiles to 8 x 64: 790-830 µs at the paper step's shape on an H100,
+# against 160 µs for the forward. This one is not yet timed.)
 _CONV_BLOCK_L, _CONV_BLOCK_C = 32, 128
-_CONV_BWD_BLOCK_L, _CONV_BWD_BLOCK_C, _CONV_BWD_WARPS = 8, 64, 2
-# The backward's program count to aim for: (batch, C-block) pairs times ranges of positions (_conv_bwd_ranges), so
-# that the partial sums stay small (one row of (D_CONV + 1) x channels floats per (batch, range)) while every SM gets
-# several programs.
-_CONV_BWD_PROGRAMS = 2048
 
 
 def _conv_grid(batch, seqlen, channels, block_l=_CONV_BLOCK_L):
     return batch, cdiv(seqlen, block_l), cdiv(channels, _CONV_BLOCK_C)
-
-
-def _conv_bwd_ranges(batch, seqlen, channels):
-    """(ranges, range_l): _causal_conv1d_bwd_kernel's split of the positions into ranges of range_l positions, a
-    multiple of _CONV_BWD_BLOCK_L (the last range may be shorter): about _CONV_BWD_PROGRAMS programs in all, one per
-    (batch, range, C-block), and at least one L-block each."""
-    l_blocks = cdiv(seqlen, _CONV_BWD_BLOCK_L)
-    ranges = max(1, min(l_blocks, cdiv(_CONV_BWD_PROGRAMS, batch * cdiv(channels, _CONV_BWD_BLOCK_C))))
-    range_l = max(1, cdiv(l_blocks, ranges)) * _CONV_BWD_BLOCK_L
-    return cdiv(seqlen, range_l), range_l
 
 
 def _conv_fwd(xBC, weight, bias, initial_state):
@@ -444,15 +405,15 @@ def _row_align(x):
 
 
 class _CausalConv1d(torch.autograd.Function):
-    """causal_conv1d: _causal_conv1d_fwd_kernel forward; backward _causal_conv1d_bwd_kernel (to dpre, dw, dbias), then
-    _causal_conv1d_bwd_dx_kernel. Keeps only its input: the pre-activation is recomputed in the backward pass.
+    """causal_conv1d: _causal_conv1d_fwd_kernel forward; backward _causal_conv1d_bwd_dpre_kernel (to dpre and dbias),
+    then _causal_conv1d_bwd_dx_kernel (to dx and dw). Keeps only its input: the pre-activation is recomputed in the
+    backward pass.
 
     (One backward kernel recomputing pre at the D_CONV later positions each input feeds held D_CONV² shifted tiles
     live and spilled registers: 1 ms per call at the 130M shape on an H200, against 83 µs for the forward.)"""
 
     @staticmethod
     def forward(ctx, xBC, weight, bias):
-        batch, seqlen, channels = xBC.shape
         ctx.save_for_backward(xBC, weight, bias)
         return _conv_fwd(xBC, weight, bias, None)
 
@@ -461,21 +422,21 @@ class _CausalConv1d(torch.autograd.Function):
         xBC, weight, bias = ctx.saved_tensors
         (batch, seqlen, channels), d_conv = xBC.shape, weight.shape[1]
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        ranges, range_l = _conv_bwd_ranges(batch, seqlen, channels)
+        grid = _conv_grid(batch, seqlen, channels)
+        parts = batch * grid[1]                                        # partial sums, one row per (batch, L-block)
         dpre = torch.empty(batch, seqlen, channels, dtype=dout.dtype, device=xBC.device)
-        # partial sums, one row per (batch, range)
-        dw = torch.empty(batch * ranges, d_conv, channels, dtype=torch.float32, device=xBC.device)
-        dbias = (torch.empty(batch * ranges, channels, dtype=torch.float32, device=xBC.device)
-                 if bias is not None else None)
-        _causal_conv1d_bwd_kernel[batch, ranges, cdiv(channels, _CONV_BWD_BLOCK_C)](
-            xBC, weight, bias if bias is not None else weight, dout, dpre, dw, dbias if dbias is not None else dw,
-            seqlen, channels, range_l, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
-            dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, K_POW2=next_pow2(d_conv),
-            X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BWD_BLOCK_L, BLOCK_C=_CONV_BWD_BLOCK_C, num_warps=_CONV_BWD_WARPS)
+        dbias = torch.empty(parts, channels, dtype=torch.float32, device=xBC.device) if bias is not None else None
+        _causal_conv1d_bwd_dpre_kernel[grid](
+            xBC, weight, bias if bias is not None else weight, dout, dpre, dbias if dbias is not None else dpre,
+            seqlen, channels, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
+            dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
+            BLOCK_C=_CONV_BLOCK_C)
         dx = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device)
-        _causal_conv1d_bwd_dx_kernel[_conv_grid(batch, seqlen, channels)](
-            dpre, weight, dx, seqlen, channels, dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1),
-            D_CONV=d_conv, BLOCK_L=_CONV_BLOCK_L, BLOCK_C=_CONV_BLOCK_C)
+        dw = torch.empty(parts, d_conv, channels, dtype=torch.float32, device=xBC.device)
+        _causal_conv1d_bwd_dx_kernel[grid](
+            dpre, weight, xBC, dx, dw, seqlen, channels, dpre.stride(0), dpre.stride(1), xBC.stride(0), xBC.stride(1),
+            dx.stride(0), dx.stride(1), D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
+            BLOCK_C=_CONV_BLOCK_C)
         dbias = dbias.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw.sum(0).T.to(weight.dtype), dbias
 
@@ -568,26 +529,23 @@ def conv_step(x, conv_state, weight, bias=None):
 # channels sums the squares beside the products, and scales once at the end. Every program reads the whole (small)
 # input row rather than wait for another. Each row reads the weights again (L2 catches only some of the repeats), so
 # above one row cuBLAS's matrix products are faster: `Mamba2LM._decode_step` takes these at batch 1 only.
-#
-# norm_in_proj_ssd_step is norm_in_proj_conv with ssd_step inside: the program that writes the last of a head's
-# inputs (its x, its group's B and C, its dt; counted on a ticket per head) steps that head's state, so that the step
-# costs no launch and no ramp of its own. Its programs run last block first, so that B, C and dt are written early,
-# each head's x completes it, and the z blocks' weights still stream meanwhile. Interpreter-tested and compiled for
-# sm_90, not yet timed: `bench.py --only sweep_decode` times it against the three kernels before the model takes it.
 
 
 @triton.jit
-def _norm_in_proj_conv_tile(
-    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, row, n0,
+def _norm_in_proj_conv_kernel(
+    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
     N, K, conv_start, conv_dim, eps,
     stride_h, stride_s_b, stride_s_c, stride_out,
     HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """p = RMSNorm(h) Wᵀ + bias for the output channels n0 .. n0 + BLOCK_N of one row (W (N, K), in_proj's weight),
-    as p = (1 / rms(h)) · ((h ⊙ norm_w) Wᵀ) + bias; then on p's channels in [conv_start, conv_start + conv_dim), the
-    conv step: window = [state[:, 1:], p] → state, p ← SiLU(Σ_k conv_w[:, k] window[:, k] + conv_bias)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    """p = RMSNorm(h) Wᵀ + bias for BLOCK_N output channels of one row (W (N, K), in_proj's weight), as
+    p = (1 / rms(h)) · ((h ⊙ norm_w) Wᵀ) + bias; then on p's channels in [conv_start, conv_start + conv_dim), the
+    conv step: window = [state[:, 1:], p] → state, p ← SiLU(Σ_k conv_w[:, k] window[:, k] + conv_bias).
+
+    Must match norm_in_proj_conv_reference."""
+    row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)                  # summed over the input channels at the end
     squares = tl.zeros((BLOCK_K,), tl.float32)
@@ -606,7 +564,7 @@ def _norm_in_proj_conv_tile(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
     p = acc.to(out_ptr.dtype.element_ty)                                   # rounded as F.linear's output
-    if (n0 < conv_start + conv_dim) & (n0 + BLOCK_N > conv_start):
+    if (pid_n * BLOCK_N < conv_start + conv_dim) & (pid_n * BLOCK_N + BLOCK_N > conv_start):
         c = offs_n - conv_start                                            # conv channel of each output channel
         is_conv = (c >= 0) & (c < conv_dim)
         k = tl.arange(0, K_POW2)
@@ -623,86 +581,6 @@ def _norm_in_proj_conv_tile(
             conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
         p = tl.where(is_conv, (conv * tl.sigmoid(conv)).to(p.dtype), p)
     tl.store(out_ptr + row * stride_out + offs_n, p, mask=in_n)
-
-
-@triton.jit
-def _norm_in_proj_conv_kernel(
-    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
-    N, K, conv_start, conv_dim, eps,
-    stride_h, stride_s_b, stride_s_c, stride_out,
-    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-):
-    """_norm_in_proj_conv_tile for program (row, block of BLOCK_N output channels).
-
-    Must match norm_in_proj_conv_reference."""
-    _norm_in_proj_conv_tile(
-        h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, tl.program_id(0).to(tl.int64),
-        tl.program_id(1) * BLOCK_N, N, K, conv_start, conv_dim, eps, stride_h, stride_s_b, stride_s_c, stride_out,
-        HAS_BIAS, HAS_CONV_BIAS, D_CONV, K_POW2, BLOCK_N, BLOCK_K, STAGES)
-
-
-@triton.jit
-def _overlap(lo, hi, n0, n1):
-    """The length of [lo, hi) ∩ [n0, n1)."""
-    return tl.maximum(tl.minimum(hi, n1) - tl.maximum(lo, n0), 0)
-
-
-@triton.jit
-def _norm_in_proj_ssd_step_kernel(
-    h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr,
-    ssm_ptr, A_log_ptr, D_ptr, dt_bias_ptr, y_ptr, tickets_ptr,
-    N, K, conv_start, conv_dim, eps, nheads, heads_per_group, P, N_STATE,
-    block_step, stride_h, stride_s_b, stride_s_c, stride_out, stride_ssm_b, stride_ssm_h, stride_ssm_p, stride_y,
-    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, K_POW2: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    HEADS_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NS: tl.constexpr,
-):
-    """_norm_in_proj_conv_tile, then SSD §3's step (_ssd_step_head) for each head whose inputs this program was the
-    last to write. p's layout is Mamba-2's in_proj output [z, x, B, C, dt], x starting at conv_start: a head needs its
-    P channels of x, its group's N_STATE of B and of C, and its dt. Each program adds how many of those channels it
-    wrote to each head's ticket; the program that brings a ticket to P + 2 N_STATE + 1 steps that head and puts the
-    ticket back to zero for the next call. Program pid writes block ((pid + 1) · block_step) mod (number of blocks),
-    a permutation for a block_step coprime to that number. The default, -1, runs the last block first: the programs
-    that write B, C and dt come first and the x of a head completes it, while the blocks of z still stream their
-    weights. (The results do not depend on the order; the tests run several.)
-
-    Must match norm_in_proj_ssd_step_reference."""
-    row = tl.program_id(1).to(tl.int64)
-    n0 = ((tl.program_id(0) + 1) * block_step) % tl.num_programs(0) * BLOCK_N
-    _norm_in_proj_conv_tile(
-        h_ptr, norm_w_ptr, w_ptr, bias_ptr, state_ptr, conv_w_ptr, conv_b_ptr, out_ptr, row, n0, N, K, conv_start,
-        conv_dim, eps, stride_h, stride_s_b, stride_s_c, stride_out, HAS_BIAS, HAS_CONV_BIAS, D_CONV, K_POW2, BLOCK_N,
-        BLOCK_K, STAGES)
-    # where head h's inputs lie in p: x[h] (P channels), B and C of its group (N_STATE each), dt[h]
-    heads = tl.arange(0, HEADS_POW2)
-    d_inner = nheads * P
-    b0 = conv_start + d_inner + (heads // heads_per_group) * N_STATE
-    c0 = b0 + (conv_dim - d_inner) // 2
-    x0, dt0 = conv_start + heads * P, conv_start + conv_dim + heads
-    # how many of them this program wrote
-    n1 = tl.minimum(n0 + BLOCK_N, N)
-    count = (_overlap(x0, x0 + P, n0, n1) + _overlap(b0, b0 + N_STATE, n0, n1) + _overlap(c0, c0 + N_STATE, n0, n1)
-             + _overlap(dt0, dt0 + 1, n0, n1))
-    count = tl.where(heads < nheads, count, 0)                             # (HEADS_POW2,)
-    tl.debug_barrier()                                                      # all of this block's p, then its tickets
-    tickets = tickets_ptr + row * nheads + heads
-    old = tl.atomic_add(tickets, count, mask=count > 0, sem="acq_rel")      # acquire: the other blocks' p is seen
-    ready = (count > 0) & (old + count == P + 2 * N_STATE + 1)
-    tl.debug_barrier()
-    head = tl.min(tl.where(ready, heads, HEADS_POW2), axis=0)
-    while head < nheads:                                                    # usually no head, or one
-        p_row = out_ptr + row * stride_out
-        B_ptr = p_row + conv_start + d_inner + (head // heads_per_group) * N_STATE
-        for p0 in range(0, P, BLOCK_P):
-            _ssd_step_head(ssm_ptr + row * stride_ssm_b + head * stride_ssm_h, p_row + conv_start + head * P,
-                           p_row + conv_start + conv_dim + head, A_log_ptr, B_ptr, B_ptr + (conv_dim - d_inner) // 2,
-                           D_ptr, dt_bias_ptr, y_ptr + row * stride_y + head * P, head, p0 + tl.arange(0, BLOCK_P), P,
-                           N_STATE, stride_ssm_p, HAS_D, HAS_DT_BIAS, True, True, BLOCK_NS)
-        tl.store(tickets_ptr + row * nheads + head, 0)
-        ready = ready & (heads != head)
-        head = tl.min(tl.where(ready, heads, HEADS_POW2), axis=0)
 
 
 @triton.jit
@@ -765,30 +643,6 @@ def _check_decode_inputs(caller, x, norm_weight, linear, *others):
                          f"contiguous; got {tuple(linear.weight.shape)} and {tuple(norm_weight.shape)}")
 
 
-def _check_conv_step_inputs(caller, batch, N, conv_state, conv_weight, conv_bias, conv_start):
-    """(conv_dim, d_conv) of a conv step over in_proj's output channels [conv_start, conv_start + conv_dim)."""
-    if conv_state.dim() != 3 or conv_state.shape[0] != batch or conv_state.stride(-1) != 1:
-        raise ValueError(f"{caller}: conv_state must be ({batch}, conv_dim, d_conv), contiguous in d_conv; "
-                         f"got {tuple(conv_state.shape)}")
-    conv_dim, d_conv = conv_state.shape[1:]
-    if not 0 <= conv_start <= N - conv_dim or conv_weight.numel() != conv_dim * d_conv or (
-            conv_bias is not None and conv_bias.shape != (conv_dim,)):
-        raise ValueError(f"{caller}: the conv's {conv_dim} channels must lie within in_proj's {N} outputs "
-                         f"(from conv_start {conv_start}), with weight ({conv_dim}, 1, {d_conv}) and bias "
-                         f"({conv_dim},); got {tuple(conv_weight.shape)} and "
-                         f"{tuple(conv_bias.shape) if conv_bias is not None else None}")
-    return conv_dim, d_conv
-
-
-def _conv_args(in_proj, conv_state, conv_weight, conv_bias, h):
-    """The arguments the in_proj kernels share after the input, the norm's weight and the output: in_proj's weight
-    and bias, the conv's state, weight and bias (an absent bias is passed as h, unread)."""
-    conv_dim, d_conv = conv_state.shape[1:]
-    bias = in_proj.bias
-    return (in_proj.weight, bias if bias is not None else h, conv_state,
-            conv_weight.reshape(conv_dim, d_conv).contiguous(), conv_bias if conv_bias is not None else h)
-
-
 @reference_off_gpu(norm_in_proj_conv_reference)
 def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias=None, conv_start=0):
     """As norm_in_proj_conv_reference, one kernel (forward only): h (batch, d_model), contiguous in channels;
@@ -796,75 +650,26 @@ def norm_in_proj_conv(h, norm_weight, eps, in_proj, conv_state, conv_weight, con
     _check_decode_inputs("norm_in_proj_conv", h, norm_weight, in_proj, conv_weight, conv_bias)
     batch, K = h.shape
     N = in_proj.weight.shape[0]
-    conv_dim, d_conv = _check_conv_step_inputs("norm_in_proj_conv", batch, N, conv_state, conv_weight, conv_bias,
-                                               conv_start)
+    if conv_state.dim() != 3 or conv_state.shape[0] != batch or conv_state.stride(-1) != 1:
+        raise ValueError(f"norm_in_proj_conv: conv_state must be ({batch}, conv_dim, d_conv), contiguous in d_conv; "
+                         f"got {tuple(conv_state.shape)}")
+    conv_dim, d_conv = conv_state.shape[1:]
+    if not 0 <= conv_start <= N - conv_dim or conv_weight.numel() != conv_dim * d_conv or (
+            conv_bias is not None and conv_bias.shape != (conv_dim,)):
+        raise ValueError(f"norm_in_proj_conv: the conv's {conv_dim} channels must lie within in_proj's {N} outputs "
+                         f"(from conv_start {conv_start}), with weight ({conv_dim}, 1, {d_conv}) and bias "
+                         f"({conv_dim},); got {tuple(conv_weight.shape)} and "
+                         f"{tuple(conv_bias.shape) if conv_bias is not None else None}")
     out = torch.empty(batch, N, dtype=in_proj.weight.dtype, device=h.device)
     bn, bk, stages, warps = _IN_PROJ_TILE
+    bias = in_proj.bias
     _norm_in_proj_conv_kernel[(batch, cdiv(N, bn))](
-        h, norm_weight, *_conv_args(in_proj, conv_state, conv_weight, conv_bias, h), out,
+        h, norm_weight, in_proj.weight, bias if bias is not None else h, conv_state,
+        conv_weight.reshape(conv_dim, d_conv).contiguous(), conv_bias if conv_bias is not None else h, out,
         N, K, conv_start, conv_dim, eps, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
-        HAS_BIAS=in_proj.bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv,
-        K_POW2=next_pow2(d_conv), BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, num_warps=warps)
+        HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, K_POW2=next_pow2(d_conv),
+        BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, num_warps=warps)
     return out
-
-
-# norm_in_proj_ssd_step: state elements per step of its SSM step (1024: 80 registers on sm_90, as in_proj's own
-# kernel, so that as many programs fit an SM; 96 at ssd_step's 4096), and the order of its programs' blocks (-1: the
-# last first; see the kernel)
-_IN_PROJ_STEP_TILE = 1024
-_BLOCK_STEP = -1
-_TICKETS = {}   # (device, batch x heads) -> norm_in_proj_ssd_step's int32 tickets, put back to zero by each launch
-
-
-def _tickets(device, n):
-    """n zeroed tickets on device, shared by the calls of that size (one stream at a time), never freed: a CUDA graph
-    keeps their address. Allocated at the first call, which the CUDA graph decoder makes before it captures."""
-    tickets = _TICKETS.get((device, n))
-    if tickets is None:
-        tickets = _TICKETS[device, n] = torch.zeros(n, dtype=torch.int32, device=device)
-    return tickets
-
-
-@reference_off_gpu(norm_in_proj_ssd_step_reference)
-def norm_in_proj_ssd_step(h, norm_weight, eps, in_proj, conv_state, conv_weight, conv_bias, ssm_state, A_log, D=None,
-                          dt_bias=None):
-    """As norm_in_proj_ssd_step_reference, one kernel (forward only): norm_in_proj_conv's, whose programs also run
-    ssd_step's for each head as soon as its inputs are written. h, conv_state and conv_weight as norm_in_proj_conv
-    takes them; ssm_state (batch, nheads, headdim, d_state), contiguous in d_state; A_log, D, dt_bias (nheads,)."""
-    caller = "norm_in_proj_ssd_step"
-    _check_decode_inputs(caller, h, norm_weight, in_proj, conv_weight, conv_bias, A_log, D, dt_bias)
-    batch, K = h.shape
-    N = in_proj.weight.shape[0]
-    if ssm_state.dim() != 4 or ssm_state.shape[0] != batch or ssm_state.stride(-1) != 1:
-        raise ValueError(f"{caller}: ssm_state must be ({batch}, nheads, headdim, d_state), contiguous in d_state; "
-                         f"got {tuple(ssm_state.shape)}")
-    _, nheads, headdim, d_state = ssm_state.shape
-    d_inner = nheads * headdim
-    conv_dim, d_conv = _check_conv_step_inputs(caller, batch, N, conv_state, conv_weight, conv_bias, d_inner)
-    ngroups = (conv_dim - d_inner) // (2 * d_state)
-    if N != d_inner + conv_dim + nheads or ngroups < 1 or conv_dim != d_inner + 2 * ngroups * d_state or (
-            nheads % ngroups) or any(t is not None and t.shape != (nheads,) for t in (A_log, D, dt_bias)):
-        raise ValueError(f"{caller}: in_proj's {N} outputs must be Mamba-2's [z, x, B, C, dt] for {nheads} heads of "
-                         f"{headdim} channels and d_state {d_state} (conv_dim {conv_dim}), with A_log, D and dt_bias "
-                         f"({nheads},)")
-    out = torch.empty(batch, N, dtype=in_proj.weight.dtype, device=h.device)
-    y = torch.empty(batch, d_inner, dtype=out.dtype, device=h.device)
-    bn, bk, stages, warps = _IN_PROJ_TILE
-    n_blocks, block_ns = cdiv(N, bn), max(16, next_pow2(d_state))
-    if math.gcd(_BLOCK_STEP, n_blocks) != 1:
-        raise ValueError(f"{caller}: _BLOCK_STEP {_BLOCK_STEP} must be coprime to the {n_blocks} blocks of outputs")
-    _norm_in_proj_ssd_step_kernel[(n_blocks, batch)](
-        h, norm_weight, *_conv_args(in_proj, conv_state, conv_weight, conv_bias, h), out,
-        ssm_state, A_log, D if D is not None else A_log, dt_bias if dt_bias is not None else A_log, y,
-        _tickets(h.device, batch * nheads), N, K, d_inner, conv_dim, eps, nheads, nheads // ngroups, headdim, d_state,
-        _BLOCK_STEP % n_blocks, h.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
-        *ssm_state.stride()[:3], y.stride(0),
-        HAS_BIAS=in_proj.bias is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv,
-        K_POW2=next_pow2(d_conv), HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_N=bn,
-        BLOCK_K=min(bk, next_pow2(K)), STAGES=stages, HEADS_POW2=next_pow2(nheads),
-        BLOCK_P=max(1, min(next_pow2(headdim), _IN_PROJ_STEP_TILE // block_ns)), BLOCK_NS=block_ns,
-        num_warps=warps)
-    return out, y
 
 
 @reference_off_gpu(gated_norm_out_proj_reference)

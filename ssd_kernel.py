@@ -1001,41 +1001,6 @@ def _check_A(A, A_log):
 
 
 @triton.jit
-def _ssd_step_head(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, head, offs_p, P, N, stride_s_p,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x (SSD §3) for one token, rows offs_p of one head's state (P, N), updated
-    in place. state_ptr, x_ptr, y_ptr, dt_ptr point at this head's state, x, y and dt, B_ptr and C_ptr at its
-    group's; A_ptr, D_ptr and dt_bias_ptr are indexed by head. With A_IS_LOG, A_ptr holds A_log: A = -exp(A_log).
-    Its inputs are read through L2 (".cg"): in `norm_in_proj_ssd_step` other programs of the same launch wrote them."""
-    offs_n = tl.arange(0, BLOCK_N)
-    in_p, in_n = offs_p < P, offs_n < N
-    delta = tl.load(dt_ptr, cache_modifier=".cg").to(tl.float32)
-    if HAS_DT_BIAS:
-        delta += tl.load(dt_bias_ptr + head).to(tl.float32)
-    if DT_SOFTPLUS:
-        delta = _softplus(delta)
-    A = tl.load(A_ptr + head).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
-    decay = tl.exp(delta * A)
-    x = tl.load(x_ptr + offs_p, mask=in_p, other=0.0, cache_modifier=".cg").to(tl.float32)
-    Bv = tl.load(B_ptr + offs_n, mask=in_n, other=0.0, cache_modifier=".cg").to(tl.float32)
-    Cv = tl.load(C_ptr + offs_n, mask=in_n, other=0.0, cache_modifier=".cg").to(tl.float32)
-    h_ptrs = state_ptr + offs_p[:, None] * stride_s_p + offs_n[None, :]
-    mask = in_p[:, None] & in_n[None, :]
-    h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)           # (BLOCK_P, BLOCK_N)
-    h = h * decay + (delta * x)[:, None] * Bv[None, :]
-    tl.store(h_ptrs, h, mask=mask)
-    y = tl.sum(h * Cv[None, :], axis=1)
-    if HAS_D:
-        y += tl.load(D_ptr + head).to(tl.float32) * x
-    tl.store(y_ptr + offs_p, y, mask=in_p)
-
-
-@triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr,
     nheads, heads_per_group, P, N,
@@ -1047,17 +1012,40 @@ def _ssd_step_kernel(
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """_ssd_step_head for BLOCK_P rows of one head of one sequence.
+    """h ← exp(Δ A) h + Δ x Bᵀ, y = h C + D x for one token of one head, the state h updated in place. With A_IS_LOG,
+    A_ptr holds A_log and A = -exp(A_log).
 
     Must match ssd_step_reference."""
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, head = pid_bh // nheads, pid_bh % nheads
-    bc_off = b * stride_bc_b + (head // heads_per_group) * stride_bc_g
-    _ssd_step_head(state_ptr + b.to(tl.int64) * stride_s_b + head * stride_s_h,
-                   x_ptr + b * stride_x_b + head * stride_x_h, dt_ptr + b * stride_dt_b + head, A_ptr, B_ptr + bc_off,
-                   C_ptr + bc_off, D_ptr, dt_bias_ptr,
-                   y_ptr + b * stride_y_b + head * stride_y_h, head, pid_p * BLOCK_P + tl.arange(0, BLOCK_P), P, N,
-                   stride_s_p, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS, A_IS_LOG, BLOCK_N)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_p, in_n = offs_p < P, offs_n < N
+
+    delta = tl.load(dt_ptr + b * stride_dt_b + head).to(tl.float32)
+    if HAS_DT_BIAS:
+        delta += tl.load(dt_bias_ptr + head).to(tl.float32)
+    if DT_SOFTPLUS:
+        delta = _softplus(delta)
+    A = tl.load(A_ptr + head).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(delta * A)
+    x = tl.load(x_ptr + b * stride_x_b + head * stride_x_h + offs_p, mask=in_p, other=0.0).to(tl.float32)
+    bc_off = b * stride_bc_b + (head // heads_per_group) * stride_bc_g + offs_n
+    Bv = tl.load(B_ptr + bc_off, mask=in_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bc_off, mask=in_n, other=0.0).to(tl.float32)
+
+    h_ptrs = (state_ptr + b.to(tl.int64) * stride_s_b + head * stride_s_h
+              + offs_p[:, None] * stride_s_p + offs_n[None, :])
+    mask = in_p[:, None] & in_n[None, :]
+    h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)           # (BLOCK_P, BLOCK_N)
+    h = h * decay + (delta * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h, mask=mask)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + head).to(tl.float32) * x
+    tl.store(y_ptr + b * stride_y_b + head * stride_y_h + offs_p, y, mask=in_p)
 
 
 _STEP_TILE = 4096         # state elements per program (BLOCK_P x BLOCK_N); bench.py's sweep_decode times others

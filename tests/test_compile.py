@@ -157,21 +157,18 @@ def ssd_step_decode_bf16():
 
 @scenario()
 def mixer_decode_bf16():
-    """The decoding step's kernels at Mamba-2 2.7B's sizes (d_model 2560, d_inner 5120 in 80 heads, d_state 128,
-    conv_dim 5376, d_conv 4, in_proj 10576 x 2560), a bfloat16 model with the float32 residual stream and SSM state,
-    batch 1: in_proj with the RMSNorm and the conv step, alone and with the SSM step, out_proj with the gated RMSNorm
-    and the residual add; the final RMSNorm; and the eager step's conv step and gated RMSNorm."""
+    """The decoding step's kernels at Mamba-2 2.7B's sizes (d_model 2560, d_inner 5120, conv_dim 5376, d_conv 4,
+    in_proj 10576 x 2560), a bfloat16 model with the float32 residual stream, batch 1: in_proj with the RMSNorm and
+    the conv step, out_proj with the gated RMSNorm and the residual add; the final RMSNorm; and the eager step's
+    conv step and gated RMSNorm."""
     from types import SimpleNamespace
-    from mixer_kernel import (conv_step, gated_norm_out_proj, gated_rms_norm, norm_in_proj_conv, norm_in_proj_ssd_step,
-                              rms_norm)
+    from mixer_kernel import conv_step, gated_norm_out_proj, gated_rms_norm, norm_in_proj_conv, rms_norm
     bf16 = torch.bfloat16
     in_proj = SimpleNamespace(weight=torch.empty(10576, 2560, dtype=bf16), bias=None)
     out_proj = SimpleNamespace(weight=torch.empty(2560, 5120, dtype=bf16), bias=None)
     h = torch.randn(1, 2560)
-    conv = torch.randn(1, 5376, 4, dtype=bf16), torch.randn(5376, 1, 4, dtype=bf16), torch.randn(5376, dtype=bf16)
-    zxbcdt = norm_in_proj_conv(h, torch.randn(2560, dtype=bf16), 1e-5, in_proj, *conv, conv_start=5120)
-    norm_in_proj_ssd_step(h, torch.randn(2560, dtype=bf16), 1e-5, in_proj, *conv, torch.randn(1, 80, 64, 128),
-                          *torch.randn(3, 80, dtype=bf16))
+    zxbcdt = norm_in_proj_conv(h, torch.randn(2560, dtype=bf16), 1e-5, in_proj, torch.randn(1, 5376, 4, dtype=bf16),
+                               torch.randn(5376, 1, 4, dtype=bf16), torch.randn(5376, dtype=bf16), conv_start=5120)
     gated_norm_out_proj(torch.randn(1, 5120, dtype=bf16), zxbcdt[:, :5120], torch.randn(5120, dtype=bf16), 5120, 1e-5,
                         out_proj, h)
     zxbcdt = torch.randn(2, 10576, dtype=bf16)

@@ -6,11 +6,9 @@ import torch
 
 from conftest import DEVICE, check_references_run_off_gpu
 import mixer_kernel
-from ssd_kernel import ssd_step_reference
 from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
                           gated_norm_out_proj, gated_norm_out_proj_reference, gated_rms_norm, gated_rms_norm_reference,
-                          norm_in_proj_conv, norm_in_proj_conv_reference, norm_in_proj_ssd_step,
-                          norm_in_proj_ssd_step_reference, rms_norm, rms_norm_reference)
+                          norm_in_proj_conv, norm_in_proj_conv_reference, rms_norm, rms_norm_reference)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -72,62 +70,6 @@ def test_norm_in_proj_conv(batch, bias, dtype, small_tiles):
     torch.testing.assert_close(state.double(), state_exact, rtol=tol, atol=tol * state_exact.abs().max().item())
 
 
-def _ssd_step_inputs(batch, nheads, headdim, d_state, ngroups, bias, dtype):
-    """A Mamba-2 block's decoding inputs at a small shape: (h, norm_w, in_proj, conv_state, conv_w, conv_b,
-    ssm_state, A_log, D, dt_bias), in_proj's outputs laid out [z, x, B, C, dt]."""
-    d_model, d_inner = 40, nheads * headdim
-    conv_dim = d_inner + 2 * ngroups * d_state
-    lin = _linear(d_model, d_inner + conv_dim + nheads, bias, dtype)
-    return (torch.randn(batch, d_model, device=DEVICE) * 3 + 1, (torch.rand(d_model, device=DEVICE) + 0.5).to(dtype),
-            lin, torch.randn(batch, conv_dim, 4, device=DEVICE).to(dtype),
-            torch.randn(conv_dim, 1, 4, device=DEVICE).to(dtype),
-            torch.randn(conv_dim, device=DEVICE).to(dtype) if bias else None,
-            torch.randn(batch, nheads, headdim, d_state, device=DEVICE), torch.rand(nheads, device=DEVICE).log(),
-            torch.randn(nheads, device=DEVICE), torch.randn(nheads, device=DEVICE) - 2)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("nheads,headdim,d_state,ngroups", [(5, 12, 10, 1), (6, 8, 16, 2)])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_step", [-1, 1, 3])
-@torch.no_grad()
-def test_norm_in_proj_ssd_step(batch, nheads, headdim, d_state, ngroups, bias, dtype, block_step, small_tiles,
-                               monkeypatch):
-    """in_proj, the conv step and the SSM step in one launch against the float64 reference, two tokens in a row (the
-    second finds the tickets back at zero): p, y and both states. Tiles of 16 output channels cut heads of 12 and 8
-    channels and d_state 10 apart, so a head's inputs come from several programs; 8 rows of the state per step, so
-    heads of 12 end in a partial one. The interpreter runs the programs one by one: in the default order (the last
-    block first), in the blocks' own and in a shuffled one (3: the 10 and 11 blocks here in steps of 3), a head's
-    ticket must wait for all of its inputs; in the last, x is written after z, B, C and dt for some heads."""
-    monkeypatch.setattr(mixer_kernel, "_IN_PROJ_STEP_TILE", 128)
-    monkeypatch.setattr(mixer_kernel, "_BLOCK_STEP", block_step)
-    h, norm_w, lin, conv_state, conv_w, conv_b, ssm_state, A_log, D, dt_bias = _ssd_step_inputs(
-        batch, nheads, headdim, d_state, ngroups, bias, dtype)
-    lin64 = _linear_as(lin, torch.float64)
-    conv_exact, ssm_exact = conv_state.double(), ssm_state.double()
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for token in range(2):
-        h = torch.randn_like(h) * 3
-        p_exact, y_exact = norm_in_proj_ssd_step_reference(
-            h.double(), norm_w.double(), 1e-5, lin64, conv_exact, conv_w.double(), conv_b.double() if bias else None,
-            ssm_exact, A_log.double(), D.double(), dt_bias.double())
-        before = ssm_state.clone()
-        p, y = norm_in_proj_ssd_step(h, norm_w, 1e-5, lin, conv_state, conv_w, conv_b, ssm_state, A_log, D, dt_bias)
-        assert p.dtype == y.dtype == dtype and p.shape == p_exact.shape and y.shape == y_exact.shape
-        for got, exact in ((p, p_exact), (y, y_exact), (conv_state, conv_exact), (ssm_state, ssm_exact)):
-            torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
-        # tighter: the step took p as the kernel stored it, rounded to dtype, as the separate ssd_step would
-        d_inner, d_bc = nheads * headdim, ngroups * d_state
-        x, B, C, dt = torch.split(p[:, d_inner:], [d_inner, d_bc, d_bc, nheads], dim=-1)
-        y_own = ssd_step_reference(before, x.reshape(batch, nheads, headdim), dt, None, B.reshape(batch, ngroups, -1),
-                                   C.reshape(batch, ngroups, -1), D=D, dt_bias=dt_bias, dt_softplus=True, A_log=A_log)
-        torch.testing.assert_close(ssm_state, before, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(y.float(), y_own.reshape(batch, -1).float(), rtol=1e-5 if dtype == torch.float32
-                                   else 1e-2, atol=1e-5)
-        assert torch.count_nonzero(mixer_kernel._TICKETS[h.device, batch * nheads]) == 0
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("ngroups,group_size", [(1, 72), (3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -167,15 +109,6 @@ def test_fused_projections_say_what_is_wrong():
             with pytest.raises(ValueError, match=message):
                 norm_in_proj_conv(**{**dict(h=h, norm_weight=w, eps=1e-5, in_proj=lin, conv_state=state,
                                             conv_weight=conv_w), **change})
-        ssd = dict(h=h, norm_weight=w, eps=1e-5, in_proj=_linear(40, 84, False, torch.float32), conv_bias=None,
-                   conv_state=state[:, :48], conv_weight=conv_w[:48], ssm_state=torch.zeros(2, 4, 8, 4, device=DEVICE),
-                   A_log=torch.zeros(4, device=DEVICE))     # 4 heads of 8, d_state 4: in_proj [32, 48, 4], 84 outputs
-        norm_in_proj_ssd_step(**ssd)                                # these are right: each change below is the error
-        for change, message in [(dict(ssm_state=torch.zeros(2, 4, 8, 4, device=DEVICE).mT), "ssm_state must be"),
-                                (dict(ssm_state=torch.zeros(2, 4, 8, 5, device=DEVICE)), "Mamba-2's \\[z, x, B, C"),
-                                (dict(A_log=torch.zeros(3, device=DEVICE)), "A_log, D and dt_bias \\(4,\\)")]:
-            with pytest.raises(ValueError, match=message):
-                norm_in_proj_ssd_step(**{**ssd, **change})
         for change, message in out_of:
             with pytest.raises(ValueError, match=message):
                 gated_norm_out_proj(**{**dict(y=y, z=y, norm_weight=torch.ones(72, device=DEVICE), group_size=24,
@@ -283,17 +216,13 @@ def test_cpu_tensors_without_the_interpreter_run_the_references():
     """The entry points on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
     setup = ("x, z = torch.randn(3, 64), torch.randn(3, 64)\n"
              "w, state, cw = torch.randn(64), torch.randn(3, 64, 4), torch.randn(64, 1, 4)\n"
-             "lin = torch.nn.Linear(64, 64)\n"
-             "lin2, cs, cw2 = torch.nn.Linear(64, 42), torch.randn(3, 24, 4), torch.randn(24, 1, 4)\n"
-             "ssm, a = torch.randn(3, 2, 8, 4), torch.randn(2)")   # 2 heads of 8, d_state 4: in_proj [16, 24, 2]
+             "lin = torch.nn.Linear(64, 64)")
     check_references_run_off_gpu("mixer_kernel", setup, {
         "rms_norm": ("rms_norm_reference", "x, w, 1e-5"),
         "gated_rms_norm": ("gated_rms_norm_reference", "x, z, w, 16, 1e-5"),
         "causal_conv1d": ("causal_conv1d_reference", "x[None], cw, w"),
         "conv_step": ("conv_step_reference", "x, state.clone(), cw, w"),
         "norm_in_proj_conv": ("norm_in_proj_conv_reference", "x, w, 1e-5, lin, state.clone(), cw, w"),
-        "norm_in_proj_ssd_step": ("norm_in_proj_ssd_step_reference",
-                                  "x, w, 1e-5, lin2, cs.clone(), cw2, None, ssm.clone(), a, a, a"),
         "gated_norm_out_proj": ("gated_norm_out_proj_reference", "x, z, w, 16, 1e-5, lin, x.clone()")})
 
 
@@ -362,20 +291,15 @@ def test_causal_conv1d(d_conv, bias, dtype):
         causal_conv1d(proj[..., 9:], weight[:10], b)
 
 
-@pytest.mark.parametrize("per_pair,d_conv,dtype", [(1, 4, torch.float32), (2, 3, torch.float32),
-                                                   (2, 4, torch.bfloat16)], ids=str)
-def test_causal_conv1d_backward_walks_ranges_of_blocks(monkeypatch, per_pair, d_conv, dtype):
-    """The backward kernel with few programs, each walking several L-blocks and summing dw and dbias across them:
-    one range of 7 blocks per (batch, C-block), or ranges of 4 and 3 blocks (the last one shorter, ending in a partial
-    block); d_conv 3 pads the taps to 4. The input is a slice of a projection whose row stride is a multiple of 8, not
-    16 (as at the 130M shape, where x's rows load as vectors only through the kernel's X_ALIGN hint)."""
-    block = mixer_kernel._CONV_BWD_BLOCK_L
+@pytest.mark.parametrize("d_conv,dtype", [(4, torch.float32), (3, torch.float32), (4, torch.bfloat16)], ids=str)
+def test_causal_conv1d_backward_sums_partial_rows(d_conv, dtype):
+    """The backward's dw and dbias summed from one partial row per (batch, L-block): 7 L-blocks, the last partial,
+    and 2 C-blocks, the last partial; taps that reach back across a block's start. The input is a slice of a
+    projection whose row stride is a multiple of 8, not 16 (as at the 130M shape, where x's rows load as vectors only
+    through the kernels' X_ALIGN hint)."""
+    block = mixer_kernel._CONV_BLOCK_L
     batch, seqlen, channels = 2, 6 * block + 3, 200                     # 7 L-blocks
-    pairs = batch * -(-channels // mixer_kernel._CONV_BWD_BLOCK_C)       # (batch, C-block) pairs, the last partial
-    monkeypatch.setattr(mixer_kernel, "_CONV_BWD_PROGRAMS", per_pair * pairs)
-    ranges, range_l = mixer_kernel._conv_bwd_ranges(batch, seqlen, channels)
-    assert (ranges, range_l) == ((1, 7 * block) if per_pair == 1 else (2, 4 * block))
-    torch.manual_seed(per_pair + d_conv)
+    torch.manual_seed(d_conv)
     proj = torch.randn(batch, seqlen, channels + 16, device=DEVICE, dtype=torch.float64)        # row stride 216
     weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5
     b = torch.randn(channels, device=DEVICE, dtype=torch.float64)
