@@ -326,6 +326,7 @@ def _causal_conv1d_bwd_dpre_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = offs_c < channels
     in_tile = (offs_l < seqlen)[:, None] & in_c[None, :]
+    # no conv state: training starts from zeros (x_ptr stands in for the state's pointer, unread)
     pre = _conv_pre(x_ptr, w_ptr, bias_ptr, x_ptr, b, offs_l, offs_c, in_c, seqlen, stride_x_b, stride_x_l, 0, 0,
                     HAS_BIAS, False, D_CONV, X_ALIGN, BLOCK_L, BLOCK_C)
     dout = tl.load(dout_ptr + b * stride_dout_b + offs_l[:, None] * stride_dout_l + offs_c[None, :], mask=in_tile,
@@ -352,7 +353,9 @@ def _causal_conv1d_bwd_dx_kernel(
         dx_s = Σ_j w[:, D_CONV-1-j] ⊙ dpre_{s+j}
         dw_k = Σ_s dpre_{s+j} ⊙ x_s                  this tile's positions: one partial (D_CONV, channels) per L-block
 
-    (dw_k = Σ_t dpre_t ⊙ x_{t-D_CONV+1+k} with s = t-D_CONV+1+k; the x_s before 0 are zeros.)"""
+    (dw_k = Σ_t dpre_t ⊙ x_{t-D_CONV+1+k} with s = t-D_CONV+1+k; the x_s before 0 are zeros.) dw is summed from dpre
+    as stored, in dout's dtype, where dbias took it in float32: in bfloat16 dw's error grows a little (0.45% against
+    0.32% of its largest entry at the tests' shape), for half the bytes of a float32 dpre."""
     b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -372,11 +375,12 @@ def _causal_conv1d_bwd_dx_kernel(
     tl.store(dx_ptr + b * stride_dx_b + offs_l[:, None] * stride_dx_l + offs_c[None, :], dx, mask=in_tile)
 
 
-# Tiles, the forward's and the backward's: within 10% of their best at 32 positions x 128 channels, from a sweep of
-# the forward and the dx kernel on an H200 at the 130M training shape. The backward's partial sums are one row of
-# (D_CONV + 1) x channels floats per (batch, L-block). (The backward before 2026-12-07 summed dw in (D_CONV, L, C)
-# float32 tiles in one kernel, which held its tiles to 8 x 64: 790-830 µs at the paper step's shape on an H100,
-# against 160 µs for the forward. This one is not yet timed.)
+# Tiles: the forward's within 10% of its best at 32 positions x 128 channels, from a sweep of it and of the former
+# dx-only backward kernel on an H200 at the 130M training shape; the backward's two kernels reuse it, untimed. Their
+# partial sums are one row of (D_CONV + 1) x channels floats per (batch, L-block): 53 MB at the paper step's shape,
+# 5% of the backward's other bytes. (The backward before 2026-12-07 summed dw in (D_CONV, L, C) float32 tiles in
+# one kernel, which held its tiles to 8 x 64: 790-830 µs at the paper step's shape on an H100, against 160 µs for
+# the forward.)
 _CONV_BLOCK_L, _CONV_BLOCK_C = 32, 128
 
 
@@ -443,7 +447,7 @@ class _CausalConv1d(torch.autograd.Function):
 
 @reference_off_gpu(causal_conv1d_reference)
 def causal_conv1d(xBC, weight, bias=None, initial_state=None):
-    """As causal_conv1d_reference: one kernel forward, one backward. xBC (batch, seqlen, channels) may be a strided
+    """As causal_conv1d_reference: one kernel forward, two backward. xBC (batch, seqlen, channels) may be a strided
     view (a slice of in_proj's output) if contiguous in channels; weight (channels, 1, d_conv). Returns (batch,
     seqlen, channels), contiguous, in xBC's dtype. With an initial_state (a cache's conv state, for a prefill) the
     kernel is forward only (the reference that runs off a GPU is differentiable)."""

@@ -291,14 +291,25 @@ def test_causal_conv1d(d_conv, bias, dtype):
         causal_conv1d(proj[..., 9:], weight[:10], b)
 
 
-@pytest.mark.parametrize("d_conv,dtype", [(4, torch.float32), (3, torch.float32), (4, torch.bfloat16)], ids=str)
+def test_row_align_is_the_largest_power_of_two_dividing_the_strides():
+    """The kernels' X_ALIGN hint (the interpreter ignores it, so a wrong one would pass the gradient tests): in_proj's
+    output sliced at row strides of 216 and 209 elements, and contiguous rows of the 130M shape's 3352."""
+    proj = torch.empty(2, 5, 216)
+    assert mixer_kernel._row_align(proj[..., 16:]) == 8
+    assert mixer_kernel._row_align(torch.empty(2, 5, 209)[..., 9:]) == 1
+    assert mixer_kernel._row_align(torch.empty(2, 5, 3352)) == 8
+    assert mixer_kernel._row_align(torch.empty(2, 5, 64)) == 16
+
+
+@pytest.mark.parametrize("d_conv,dtype", [(4, torch.float32), (3, torch.float32), (4, torch.bfloat16),
+                                          (3, torch.bfloat16)], ids=str)
 def test_causal_conv1d_backward_sums_partial_rows(d_conv, dtype):
     """The backward's dw and dbias summed from one partial row per (batch, L-block): 7 L-blocks, the last partial,
     and 2 C-blocks, the last partial; taps that reach back across a block's start. The input is a slice of a
     projection whose row stride is a multiple of 8, not 16 (as at the 130M shape, where x's rows load as vectors only
     through the kernels' X_ALIGN hint)."""
-    block = mixer_kernel._CONV_BLOCK_L
-    batch, seqlen, channels = 2, 6 * block + 3, 200                     # 7 L-blocks
+    batch, seqlen = 2, 6 * mixer_kernel._CONV_BLOCK_L + 3                 # 7 L-blocks
+    channels = mixer_kernel._CONV_BLOCK_C + 72
     torch.manual_seed(d_conv)
     proj = torch.randn(batch, seqlen, channels + 16, device=DEVICE, dtype=torch.float64)        # row stride 216
     weight = torch.randn(channels, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5
@@ -310,4 +321,5 @@ def test_causal_conv1d_backward_sums_partial_rows(d_conv, dtype):
     _, grads = _grads(lambda p, w, b: causal_conv1d(p[..., 16:], w, b), inputs, grad_out)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for name, got, want in zip(("dinput", "dweight", "dbias"), grads, exact_grads):
+        assert got.dtype == dtype, name
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
