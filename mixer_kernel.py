@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from ssd_kernel import cdiv, next_pow2, reference_off_gpu
+from ssd_kernel import _ssd_bwd, _ssd_fwd, cdiv, next_pow2, reference_off_gpu, ssd_reference
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,19 +226,27 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
-        (n_rows, dim), group_size = y2.shape, ctx.group_size
-        dout = dout.contiguous()
-        dy = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
-        dz = torch.empty(z2.shape, dtype=z2.dtype, device=z2.device) if z2 is not None else None
-        programs = cdiv(n_rows, _NORM_BWD_ROWS)
-        dw = torch.empty(programs, dim, dtype=torch.float32, device=y2.device)
-        BLOCK = next_pow2(group_size)
-        _rms_norm_bwd_kernel[(programs, dim // group_size)](
-            y2, z2 if z2 is not None else y2, weight, rstd, dout, dy, dz if dz is not None else dy, dw,
-            n_rows, _NORM_BWD_ROWS, group_size, dim // group_size, y2.stride(0),
-            z2.stride(0) if z2 is not None else 0, dout.stride(0), dy.stride(0), dz.stride(0) if dz is not None else 0,
-            HAS_Z=z2 is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
-        return dy, dz, dw.sum(0).to(weight.dtype), None, None, None
+        return (*_norm_bwd(dout, y2, z2, weight, rstd, ctx.group_size), None, None, None)
+
+
+def _norm_bwd(dout, y2, z2, weight, rstd, group_size, dz=None):
+    """Launch _rms_norm_bwd_kernel on (rows, dim) tensors: (dy, dz or None, dweight). dz is written into the tensor
+    given ((rows, dim), rows strided as z2's may be: `mixer_scan` gives a slice of in_proj's gradient), else a new
+    one."""
+    n_rows, dim = y2.shape
+    dout = dout.contiguous()
+    dy = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
+    if z2 is not None and dz is None:
+        dz = torch.empty(z2.shape, dtype=z2.dtype, device=z2.device)
+    programs = cdiv(n_rows, _NORM_BWD_ROWS)
+    dw = torch.empty(programs, dim, dtype=torch.float32, device=y2.device)
+    BLOCK = next_pow2(group_size)
+    _rms_norm_bwd_kernel[(programs, dim // group_size)](
+        y2, z2 if z2 is not None else y2, weight, rstd, dout, dy, dz if dz is not None else dy, dw,
+        n_rows, _NORM_BWD_ROWS, group_size, dim // group_size, y2.stride(0),
+        z2.stride(0) if z2 is not None else 0, dout.stride(0), dy.stride(0), dz.stride(0) if dz is not None else 0,
+        HAS_Z=z2 is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
+    return dy, dz, dw.sum(0).to(weight.dtype)
 
 
 @reference_off_gpu(rms_norm_reference)
@@ -423,26 +431,32 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        xBC, weight, bias = ctx.saved_tensors
-        (batch, seqlen, channels), d_conv = xBC.shape, weight.shape[1]
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        grid = _conv_grid(batch, seqlen, channels)
-        parts = batch * grid[1]                                        # partial sums, one row per (batch, L-block)
-        dpre = torch.empty(batch, seqlen, channels, dtype=dout.dtype, device=xBC.device)
-        dbias = torch.empty(parts, channels, dtype=torch.float32, device=xBC.device) if bias is not None else None
-        _causal_conv1d_bwd_dpre_kernel[grid](
-            xBC, weight, bias if bias is not None else weight, dout, dpre, dbias if dbias is not None else dpre,
-            seqlen, channels, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
-            dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
-            BLOCK_C=_CONV_BLOCK_C)
-        dx = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device)
-        dw = torch.empty(parts, d_conv, channels, dtype=torch.float32, device=xBC.device)
-        _causal_conv1d_bwd_dx_kernel[grid](
-            dpre, weight, xBC, dx, dw, seqlen, channels, dpre.stride(0), dpre.stride(1), xBC.stride(0), xBC.stride(1),
-            dx.stride(0), dx.stride(1), D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
-            BLOCK_C=_CONV_BLOCK_C)
-        dbias = dbias.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw.sum(0).T.to(weight.dtype), dbias
+        return _conv_bwd(dout, *ctx.saved_tensors)
+
+
+def _conv_bwd(dout, xBC, weight, bias, dx=None):
+    """The two backward kernels: (dx, dweight (channels, d_conv), dbias or None). dx is written into the tensor given
+    ((batch, seqlen, channels), contiguous in channels: `mixer_scan` gives a slice of in_proj's gradient), else a new
+    one."""
+    (batch, seqlen, channels), d_conv = xBC.shape, weight.shape[1]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    grid = _conv_grid(batch, seqlen, channels)
+    parts = batch * grid[1]                                            # partial sums, one row per (batch, L-block)
+    dpre = torch.empty(batch, seqlen, channels, dtype=dout.dtype, device=xBC.device)
+    dbias = torch.empty(parts, channels, dtype=torch.float32, device=xBC.device) if bias is not None else None
+    _causal_conv1d_bwd_dpre_kernel[grid](
+        xBC, weight, bias if bias is not None else weight, dout, dpre, dbias if dbias is not None else dpre,
+        seqlen, channels, xBC.stride(0), xBC.stride(1), dout.stride(0), dout.stride(1), dpre.stride(0),
+        dpre.stride(1), HAS_BIAS=bias is not None, D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
+        BLOCK_C=_CONV_BLOCK_C)
+    dx = torch.empty(batch, seqlen, channels, dtype=xBC.dtype, device=xBC.device) if dx is None else dx
+    dw = torch.empty(parts, d_conv, channels, dtype=torch.float32, device=xBC.device)
+    _causal_conv1d_bwd_dx_kernel[grid](
+        dpre, weight, xBC, dx, dw, seqlen, channels, dpre.stride(0), dpre.stride(1), xBC.stride(0), xBC.stride(1),
+        dx.stride(0), dx.stride(1), D_CONV=d_conv, X_ALIGN=_row_align(xBC), BLOCK_L=_CONV_BLOCK_L,
+        BLOCK_C=_CONV_BLOCK_C)
+    dbias = dbias.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw.sum(0).T.to(weight.dtype), dbias
 
 
 @reference_off_gpu(causal_conv1d_reference)
@@ -695,3 +709,92 @@ def gated_norm_out_proj(y, z, norm_weight, group_size, eps, out_proj, h):
         y.stride(0), z.stride(0), h.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn,
         BLOCK_K=min(bk, next_pow2(group_size)), STAGES=stages, num_warps=warps)
     return h
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The mixer between its projections in one autograd node (training)
+
+
+def _split_in_proj(zxbcdt, d_inner, nheads):
+    """in_proj's output (batch, seqlen, d_inner + conv_dim + nheads) -> views z, xBC, dt."""
+    return torch.split(zxbcdt, [d_inner, zxbcdt.shape[-1] - d_inner - nheads, nheads], dim=-1)
+
+
+def _split_xBC(xBC, d_inner, headdim, ngroups):
+    """The conv's output (batch, seqlen, conv_dim) -> views x (batch, seqlen, nheads, headdim), B and C (batch, seqlen,
+    ngroups, dstate)."""
+    d_state = (xBC.shape[-1] - d_inner) // (2 * ngroups)
+    x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    return (rearrange(x, "b l (h p) -> b l h p", p=headdim), rearrange(B, "b l (g n) -> b l g n", g=ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=ngroups))
+
+
+def mixer_scan_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headdim, ngroups, chunk_size,
+                         group_size, eps):
+    """Mamba2Mixer.forward without a cache, from in_proj's output zxbcdt = [z, x, B, C, dt] to out_proj's input:
+
+        x, B, C = SiLU(conv1d(xBC));   y = SSD(x, Δ = softplus(dt + dt_bias), A, B, C) + D x;   RMSNorm(y ⊙ SiLU(z))
+
+    composed of the references. zxbcdt (batch, seqlen, d_inner + conv_dim + nheads); conv_weight (conv_dim, 1,
+    d_conv); A, D, dt_bias (nheads,); norm_weight (d_inner,). Returns (batch, seqlen, d_inner) in zxbcdt's dtype."""
+    d_inner = norm_weight.shape[0]
+    z, xBC, dt = _split_in_proj(zxbcdt, d_inner, dt_bias.shape[0])
+    x, B, C = _split_xBC(causal_conv1d_reference(xBC, conv_weight, conv_bias), d_inner, headdim, ngroups)
+    y = ssd_reference(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
+    return gated_rms_norm_reference(rearrange(y, "b l h p -> b l (h p)"), z, norm_weight, group_size, eps)
+
+
+class _MixerScan(torch.autograd.Function):
+    """The conv, SSD and gated-norm kernels as one autograd node. Apart, each backward returns its own gradient (dz,
+    dxBC, ddt; dx, dB, dC) and autograd concatenates them for the splits of in_proj's and the conv's outputs: two
+    copies of the widest activations, 0.5 ms a layer at the paper step's shape on an H100 (2026-12-07). Here each
+    backward writes its part of one buffer in place, as mamba_ssm's `mamba_split_conv1d_scan_combined` does
+    (mamba_ssm/ops/triton/ssd_combined.py). Keeps what the three Functions kept: in_proj's output, the conv's output,
+    y and the norm's 1/rms."""
+
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headdim, ngroups, chunk, group_size,
+                eps):
+        d_inner = norm_weight.shape[0]
+        z, xBC, dt = _split_in_proj(zxbcdt, d_inner, dt_bias.shape[0])
+        xBC_out = _conv_fwd(xBC, conv_weight, conv_bias, None)                 # (batch, seqlen, conv_dim)
+        x, B, C = _split_xBC(xBC_out, d_inner, headdim, ngroups)
+        y, _, delta, a_cumsum = _ssd_fwd(x, dt, A, dt_bias, B, C, D, None, chunk, True)
+        y2, z2 = _as_rows(d_inner, y, z)                                          # (rows, d_inner)
+        out, rstd = _norm_fwd(y2, z2, norm_weight, group_size, eps, y.dtype, True)
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, xBC_out, delta, a_cumsum,
+                              y2, rstd)
+        ctx.dims = headdim, ngroups, group_size
+        return out.view(*zxbcdt.shape[:2], d_inner)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, xBC_out, delta, a_cumsum, y2,
+         rstd) = ctx.saved_tensors
+        headdim, ngroups, group_size = ctx.dims
+        d_inner, nheads = norm_weight.shape[0], dt_bias.shape[0]
+        dzxbcdt = torch.empty_like(zxbcdt)                        # in_proj's gradient, written in three parts
+        (z, xBC, dt), (dz, dxBC, ddt) = (_split_in_proj(t, d_inner, nheads) for t in (zxbcdt, dzxbcdt))
+        dy2, _, dnorm_weight = _norm_bwd(dout.reshape(-1, d_inner), y2, z.view(-1, d_inner), norm_weight, rstd,
+                                         group_size, dz=dz.view(-1, d_inner))
+        dxBC_out = torch.empty_like(xBC_out)                      # the conv output's gradient: dx, dB, dC
+        (x, B, C), (dx, dB, dC) = (_split_xBC(t, d_inner, headdim, ngroups) for t in (xBC_out, dxBC_out))
+        _, ddt_heads, dA, ddt_bias, _, _, dD, _ = _ssd_bwd(dy2.view(x.shape), None, x, dt, A, dt_bias, delta,
+                                                           a_cumsum, B, C, D, None, True, dx=dx, dB=dB, dC=dC)
+        ddt.copy_(ddt_heads)
+        _, dconv_weight, dconv_bias = _conv_bwd(dxBC_out, xBC, conv_weight, conv_bias, dx=dxBC)
+        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 5
+
+
+@reference_off_gpu(mixer_scan_reference)
+def mixer_scan(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headdim, ngroups, chunk_size, group_size,
+               eps):
+    """As mixer_scan_reference: causal_conv1d's, ssd_scan's and gated_rms_norm's kernels, differentiable in every
+    input, with one gradient buffer for in_proj's output (_MixerScan). zxbcdt contiguous in channels; chunk_size a
+    power of two ≥ 16."""
+    if zxbcdt.stride(-1) != 1:
+        zxbcdt = zxbcdt.contiguous()
+    conv_weight = conv_weight.reshape(conv_weight.shape[0], -1).contiguous()
+    D = D.contiguous() if D is not None else None
+    return _MixerScan.apply(zxbcdt, conv_weight, conv_bias, dt_bias.contiguous(), A.contiguous(), D, norm_weight,
+                            headdim, ngroups, chunk_size, group_size, eps)

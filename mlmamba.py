@@ -28,8 +28,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
-                          gated_norm_out_proj, gated_rms_norm, gated_rms_norm_reference, norm_in_proj_conv, rms_norm,
-                          rms_norm_reference)
+                          gated_norm_out_proj, gated_rms_norm, gated_rms_norm_reference, mixer_scan, norm_in_proj_conv,
+                          rms_norm, rms_norm_reference)
 from scan2d_kernel import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, resolve_orders
 from ssd_kernel import ssd_reference, ssd_scan, ssd_step, ssd_step_reference
 from vision import RESIZE_STRATEGIES, Block, FusedVisionEncoder, VisionConfig, VisionEncoder
@@ -136,6 +136,13 @@ class Mamba2Mixer(nn.Module):
         if ssm_h is not None and u.shape[1] == 1 and lengths is None:
             return self.step(u[:, 0], conv_state, ssm_h)[:, None]
         c = self.config
+        if _use_kernels(u) and conv_state is None and ssm_h is None and lengths is None:
+            # training: the lines below as one autograd node, whose backward writes in_proj's gradient in place
+            # instead of concatenating its parts (mixer_kernel.mixer_scan)
+            A = -torch.exp(self.A_log.float())
+            y = mixer_scan(self.in_proj(u), self.conv1d.weight, self.conv1d.bias, self.dt_bias, A, self.D,
+                           self.norm.weight, c.headdim, c.ngroups, c.chunk_size, self.norm.group_size, self.norm.eps)
+            return self.out_proj(y)
         z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
         # xBC (batch, seqlen, conv_dim), starting from zeros or from a cache's conv_state (forward only)
         kernel = _use_kernels(u) and (conv_state is None or not torch.is_grad_enabled())
@@ -959,13 +966,18 @@ class MLMamba(nn.Module):
         n_tokens = torch.tensor(len(rows), device=labels.device)
         return MLMambaOutput(None, loss_sum / max(len(rows), 1), loss_sum, n_tokens)
 
-    def set_gradient_checkpointing(self, enabled=True):
+    def set_gradient_checkpointing(self, enabled=True, keep_blocks=0):
         """Checkpoint each LM block and each vision block (torch.utils.checkpoint, non-reentrant): their activations
-        are recomputed in the backward pass instead of kept, trading compute for memory. Parameter names and
+        are recomputed in the backward pass instead of kept, trading compute for memory. keep_blocks: the last that
+        many LM blocks are not checkpointed, spending the memory a GPU has left on less recompute. Parameter names and
         generation are unchanged."""
+        if not 0 <= keep_blocks <= len(self.lm.layers):
+            raise ValueError(f"MLMamba: keep_blocks must be 0..{len(self.lm.layers)} (the LM's blocks), "
+                             f"got {keep_blocks}")
+        kept = set(self.lm.layers[len(self.lm.layers) - keep_blocks:]) if keep_blocks else set()
         for block in self.modules():
             if isinstance(block, (Mamba2Block, Block)):
-                if enabled:
+                if enabled and block not in kept:
                     block.forward = functools.partial(_checkpointed_forward, block)   # shadows the class's forward
                 else:
                     vars(block).pop("forward", None)

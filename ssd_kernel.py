@@ -506,6 +506,7 @@ def _chunk_scan_bwd_dx_kernel(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_bc_b, stride_bc_l, stride_bc_g, stride_bc_n,
+    stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
     stride_cb_b, stride_cb_c, stride_cb_g,
     stride_a_b, stride_a_h, stride_a_c,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p,
@@ -587,8 +588,8 @@ def _chunk_scan_bwd_dx_kernel(
         dx += tl.load(D_ptr + pid_h).to(tl.float32) * dy_s
         dD_ptr += ((pid_bc * tl.num_programs(0) + pid_m) * tl.num_programs(2) + pid_h) * P
         tl.store(dD_ptr + offs_p, tl.sum(dy_s * x_s.to(tl.float32), axis=0), mask=in_p)
-    dx_ptr += b.to(tl.int64) * stride_dy_b + (c * CHUNK) * stride_dy_l + pid_h * stride_dy_h
-    tl.store(dx_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, dx, mask=mask_mp)
+    dx_ptr += b.to(tl.int64) * stride_dx_b + (c * CHUNK) * stride_dx_l + pid_h * stride_dx_h
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx_l + offs_p[None, :] * stride_dx_p, dx, mask=mask_mp)
     tl.store(ddelta_ptr + a_off + offs_m, tl.sum(dxp * x_s.to(tl.float32), axis=1), mask=in_m)
 
 
@@ -856,92 +857,109 @@ def _state_passing(states, a_cumsum, initial_state, out=None, prev_states=None):
     return (final_state, da_carried.sum(-1)) if reverse else final_state
 
 
-class _SSDScan(torch.autograd.Function):
-    """The kernels' forward and backward, from the raw dt: the kernels read Δ and a_cumsum = cumsum(a) within each
-    chunk, a = Δ A the log-decay of each step.
+def _ssd_fwd(x, dt, A, dt_bias, B, C, D, initial_state, chunk, dt_softplus):
+    """The forward kernels, steps 1-4: (y like x, final_state, delta, a_cumsum). The kernels read Δ and a_cumsum =
+    cumsum(a) within each chunk, a = Δ A the log-decay of each step, which the backward pass takes back."""
+    batch, seqlen, nheads, P = x.shape
+    ngroups, N = B.shape[2], B.shape[3]
+    delta, a_cumsum = _chunk_delta(dt, dt_bias, A, dt_softplus, chunk)   # (batch, nheads, nchunks, chunk)
+    nchunks = delta.shape[2]
+    cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
+    chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)            # step 2
+    # step 3: h_{c-1} in x's dtype, as step 4's matmul reads it (half the bytes of float32 for 16-bit x)
+    prev_states = chunk_states if x.element_size() > 2 else torch.empty_like(chunk_states, dtype=x.dtype)
+    final_state = _state_passing(chunk_states, a_cumsum, initial_state, out=prev_states)
+    y = torch.empty_like(x)
+    block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
+    grid = (cdiv(chunk, block_m) * cdiv(P, block_p), batch * nchunks, nheads)
+    _chunk_scan_fwd_kernel[grid](                                              # steps 1 + 4
+        x, delta, a_cumsum, C, cb, prev_states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
+        *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *prev_states.stride()[:4], *y.stride(),
+        CHUNK=chunk, HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
+    return y, final_state, delta, a_cumsum
 
-    Backward notes. Besides the matmuls' gradients, the loss ℓ depends on every a_τ through the decays that span
-    step τ: L_ts = exp(a_cumsum_t − a_cumsum_s) for s < τ ≤ t (step 1), exp(a_cumsum_end − a_cumsum_s) for s < τ
-    (step 2), exp(a_cumsum_t) for τ ≤ t (step 4) and exp(a_cumsum_end) for the state carried across the chunk
-    (step 3). da_τ adds up those terms directly, each one once, rather than da_cumsum followed by a reverse cumsum,
-    in which the +M_ts and −M_ts of each pair cancel and the rounding does not. PyTorch takes da and dΔ on to dt,
-    dt_bias and A (_chunk_delta_backward)."""
+
+def _ssd_bwd(dy, dfinal_state, x, dt, A, dt_bias, delta, a_cumsum, B, C, D, initial_state, dt_softplus,
+             dx=None, dB=None, dC=None):
+    """The backward kernels: (dx, ddt, dA, ddt_bias, dB, dC, dD, dinitial_state). dx, dB and dC are written into the
+    tensors given (views of one buffer in mixer_kernel's `mixer_scan`), else into new ones.
+
+    Besides the matmuls' gradients, the loss ℓ depends on every a_τ through the decays that span step τ:
+    L_ts = exp(a_cumsum_t − a_cumsum_s) for s < τ ≤ t (step 1), exp(a_cumsum_end − a_cumsum_s) for s < τ (step 2),
+    exp(a_cumsum_t) for τ ≤ t (step 4) and exp(a_cumsum_end) for the state carried across the chunk (step 3). da_τ
+    adds up those terms directly, each one once, rather than da_cumsum followed by a reverse cumsum, in which the
+    +M_ts and −M_ts of each pair cancel and the rounding does not. PyTorch takes da and dΔ on to dt, dt_bias and A
+    (_chunk_delta_backward)."""
+    batch, seqlen, nheads, P = x.shape
+    ngroups, N = B.shape[2], B.shape[3]
+    nchunks, chunk = delta.shape[2], delta.shape[3]
+    heads_per_group = nheads // ngroups
+    dy = dy.contiguous()
+    # Recompute C Bᵀ and prev_states: cheaper than keeping (batch, nchunks, nheads, P, N) from the forward pass.
+    cb = _chunk_cb(C, B, chunk)
+    chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)
+    _state_passing(chunk_states, a_cumsum, initial_state)
+    prev_states = chunk_states                                                 # step 3 ran in place
+    # dchunk_states[c] = ∂ℓ/∂h_c: step 4's gradients w.r.t. each h_{c-1}, carried backwards through step 3.
+    dprev_states = _chunk_state(dy, C, delta, a_cumsum, to_end=False)
+    dinitial_state, da_carried = _state_passing(dprev_states, a_cumsum, dfinal_state, prev_states=prev_states)
+    dchunk_states = dprev_states                                               # step 3 ran in place
+
+    block_m = min(_BLOCK_M, chunk)
+    m_blocks = cdiv(chunk, block_m)
+    dims = dict(DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=_pow2(P), BLOCK_N=_pow2(N))
+    strides = (*x.stride(), *dy.stride(), *B.stride())
+    dx = torch.empty_like(dy) if dx is None else dx
+    ddelta, da_state, da_out = (torch.zeros_like(delta) for _ in range(3))   # the padding stays 0
+    da_pairs = torch.zeros(batch, nheads, nchunks, m_blocks, chunk, device=x.device, dtype=torch.float32)
+    dD_parts = torch.zeros(batch * nchunks * m_blocks, nheads, P, device=x.device, dtype=torch.float32)
+    _chunk_scan_bwd_dx_kernel[(m_blocks, batch * nchunks, nheads)](
+        x, delta, a_cumsum, B, cb, dy, dchunk_states, D if D is not None else x, dx, ddelta, dD_parts, da_state,
+        da_pairs, seqlen, heads_per_group, P, N, *strides, *dx.stride(), *cb.stride()[:3], *delta.stride()[:3],
+        *dchunk_states.stride()[:4], *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, **dims)
+
+    slices = min(heads_per_group, cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
+    heads_per_program = cdiv(heads_per_group, slices)
+    slices = cdiv(heads_per_group, heads_per_program)
+    grid = (m_blocks, batch * nchunks, ngroups * slices)
+    dB_parts = torch.empty(batch, seqlen, slices, ngroups, N, device=x.device, dtype=torch.float32)
+    dC_parts = torch.empty_like(dB_parts)
+    _chunk_scan_bwd_db_kernel[grid](
+        x, delta, a_cumsum, C, dy, dchunk_states, dB_parts, seqlen, heads_per_group, heads_per_program, P, N,
+        *strides, *delta.stride()[:3], *dchunk_states.stride()[:4], *dB_parts.stride()[:4], CHUNK=chunk, **dims)
+    _chunk_scan_bwd_dc_kernel[grid](
+        x, delta, a_cumsum, B, C, dy, prev_states, dC_parts, da_out, seqlen, heads_per_group, heads_per_program, P,
+        N, *strides, *delta.stride()[:3], *prev_states.stride()[:4], *dC_parts.stride()[:4], CHUNK=chunk, **dims)
+
+    # da_τ: step 1's straddling pairs, step 2 (s < τ), step 4 (t ≥ τ), step 3 (the whole chunk)
+    da = (da_pairs.sum(3) + (torch.cumsum(da_state, -1) - da_state)
+          + torch.flip(torch.cumsum(torch.flip(da_out, [-1]), -1), [-1]) + da_carried[..., None])
+    dD = dD_parts.sum(0).sum(-1).to(D.dtype) if D is not None else None
+    dinitial_state = dinitial_state.to(initial_state.dtype) if initial_state is not None else None
+    ddt, dA, ddt_bias = _chunk_delta_backward(ddelta, da, delta, dt, dt_bias, A, dt_softplus)
+    dB, dC = (_sum_slices(parts, out, B.dtype) for parts, out in ((dB_parts, dB), (dC_parts, dC)))
+    return dx, ddt, dA, ddt_bias, dB, dC, dD, dinitial_state
+
+
+def _sum_slices(parts, out, dtype):
+    """(batch, seqlen, slices, ngroups, N) float32 partial sums, summed over the slices into out or a new tensor."""
+    return parts.sum(2).to(dtype) if out is None else out.copy_(parts.sum(2))
+
+
+class _SSDScan(torch.autograd.Function):
+    """_ssd_fwd forward, _ssd_bwd backward, from the raw dt."""
 
     @staticmethod
     def forward(ctx, x, dt, A, dt_bias, B, C, D, initial_state, chunk, dt_softplus):
-        batch, seqlen, nheads, P = x.shape
-        ngroups, N = B.shape[2], B.shape[3]
-        delta, a_cumsum = _chunk_delta(dt, dt_bias, A, dt_softplus, chunk)   # (batch, nheads, nchunks, chunk)
-        nchunks = delta.shape[2]
-        cb = _chunk_cb(C, B, chunk)                                               # step 1's C Bᵀ
-        chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)            # step 2
-        # step 3: h_{c-1} in x's dtype, as step 4's matmul reads it (half the bytes of float32 for 16-bit x)
-        prev_states = chunk_states if x.element_size() > 2 else torch.empty_like(chunk_states, dtype=x.dtype)
-        final_state = _state_passing(chunk_states, a_cumsum, initial_state, out=prev_states)
-        y = torch.empty_like(x)
-        block_m, block_p = min(_BLOCK_M, chunk), min(64, _pow2(P))
-        grid = (cdiv(chunk, block_m) * cdiv(P, block_p), batch * nchunks, nheads)
-        _chunk_scan_fwd_kernel[grid](                                              # steps 1 + 4
-            x, delta, a_cumsum, C, cb, prev_states, D if D is not None else x, y, seqlen, nheads // ngroups, P, N,
-            *x.stride(), *C.stride(), *cb.stride()[:3], *delta.stride()[:3], *prev_states.stride()[:4], *y.stride(),
-            CHUNK=chunk, HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=_pow2(N))
+        y, final_state, delta, a_cumsum = _ssd_fwd(x, dt, A, dt_bias, B, C, D, initial_state, chunk, dt_softplus)
         ctx.save_for_backward(x, dt, A, dt_bias, delta, a_cumsum, B, C, D, initial_state)
         ctx.dt_softplus = dt_softplus
         return y, final_state
 
     @staticmethod
     def backward(ctx, dy, dfinal_state):
-        x, dt, A, dt_bias, delta, a_cumsum, B, C, D, initial_state = ctx.saved_tensors
-        batch, seqlen, nheads, P = x.shape
-        ngroups, N = B.shape[2], B.shape[3]
-        nchunks, chunk = delta.shape[2], delta.shape[3]
-        heads_per_group = nheads // ngroups
-        dy = dy.contiguous()
-        # Recompute C Bᵀ and prev_states: cheaper than keeping (batch, nchunks, nheads, P, N) from the forward pass.
-        cb = _chunk_cb(C, B, chunk)
-        chunk_states = _chunk_state(x, B, delta, a_cumsum, to_end=True)
-        _state_passing(chunk_states, a_cumsum, initial_state)
-        prev_states = chunk_states                                                 # step 3 ran in place
-        # dchunk_states[c] = ∂ℓ/∂h_c: step 4's gradients w.r.t. each h_{c-1}, carried backwards through step 3.
-        dprev_states = _chunk_state(dy, C, delta, a_cumsum, to_end=False)
-        dinitial_state, da_carried = _state_passing(dprev_states, a_cumsum, dfinal_state, prev_states=prev_states)
-        dchunk_states = dprev_states                                               # step 3 ran in place
-
-        block_m = min(_BLOCK_M, chunk)
-        m_blocks = cdiv(chunk, block_m)
-        dims = dict(DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_P=_pow2(P), BLOCK_N=_pow2(N))
-        strides = (*x.stride(), *dy.stride(), *B.stride())
-        dx = torch.empty_like(dy)                                                  # dx and dy share strides
-        ddelta, da_state, da_out = (torch.zeros_like(delta) for _ in range(3))   # the padding stays 0
-        da_pairs = torch.zeros(batch, nheads, nchunks, m_blocks, chunk, device=x.device, dtype=torch.float32)
-        dD_parts = torch.zeros(batch * nchunks * m_blocks, nheads, P, device=x.device, dtype=torch.float32)
-        _chunk_scan_bwd_dx_kernel[(m_blocks, batch * nchunks, nheads)](
-            x, delta, a_cumsum, B, cb, dy, dchunk_states, D if D is not None else x, dx, ddelta, dD_parts, da_state,
-            da_pairs, seqlen, heads_per_group, P, N, *strides, *cb.stride()[:3], *delta.stride()[:3],
-            *dchunk_states.stride()[:4], *da_pairs.stride()[:4], CHUNK=chunk, HAS_D=D is not None, **dims)
-
-        slices = min(heads_per_group, cdiv(_MIN_PROGRAMS, m_blocks * batch * nchunks * ngroups))
-        heads_per_program = cdiv(heads_per_group, slices)
-        slices = cdiv(heads_per_group, heads_per_program)
-        grid = (m_blocks, batch * nchunks, ngroups * slices)
-        dB = torch.empty(batch, seqlen, slices, ngroups, N, device=x.device, dtype=torch.float32)
-        dC = torch.empty_like(dB)
-        _chunk_scan_bwd_db_kernel[grid](
-            x, delta, a_cumsum, C, dy, dchunk_states, dB, seqlen, heads_per_group, heads_per_program, P, N,
-            *strides, *delta.stride()[:3], *dchunk_states.stride()[:4], *dB.stride()[:4], CHUNK=chunk, **dims)
-        _chunk_scan_bwd_dc_kernel[grid](
-            x, delta, a_cumsum, B, C, dy, prev_states, dC, da_out, seqlen, heads_per_group, heads_per_program, P, N,
-            *strides, *delta.stride()[:3], *prev_states.stride()[:4], *dC.stride()[:4], CHUNK=chunk, **dims)
-
-        # da_τ: step 1's straddling pairs, step 2 (s < τ), step 4 (t ≥ τ), step 3 (the whole chunk)
-        da = (da_pairs.sum(3) + (torch.cumsum(da_state, -1) - da_state)
-              + torch.flip(torch.cumsum(torch.flip(da_out, [-1]), -1), [-1]) + da_carried[..., None])
-        dD = dD_parts.sum(0).sum(-1).to(D.dtype) if D is not None else None
-        dinitial_state = dinitial_state.to(initial_state.dtype) if initial_state is not None else None
-        ddt, dA, ddt_bias = _chunk_delta_backward(ddelta, da, delta, dt, dt_bias, A, ctx.dt_softplus)
-        return (dx, ddt, dA, ddt_bias, dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), dD, dinitial_state,
-                None, None)
+        return (*_ssd_bwd(dy, dfinal_state, *ctx.saved_tensors, ctx.dt_softplus), None, None)
 
 
 @reference_off_gpu(ssd_reference)

@@ -135,6 +135,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradients' global norm to this")
     precision: str = option("auto", "'bf16' autocast (float32 weights), 'fp32', or 'auto': bf16 on a GPU")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    keep_blocks: int = option(0, "with --grad_checkpointing, the last N LM blocks keep their activations instead: "
+                                 "faster, at about 0.85 GiB a block for the 2.7B LM at 16 x 985 tokens")
     fsdp: bool = option(False, "with torchrun: shard weights, gradients and optimizer state (FSDP2, per block)")
     # evaluation, logging, checkpoints
     eval_every: int = option(500, "evaluate on the held-out records every this many steps (and at the end)")
@@ -236,6 +238,10 @@ def check_config(c):
         problems.append(f"--warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
     if c.images is not None and c.data is None:
         problems.append("--images goes with --data")
+    if c.keep_blocks and not c.grad_checkpointing:
+        problems.append("--keep_blocks goes with --grad_checkpointing (without it every block keeps its activations)")
+    if c.keep_blocks < 0:
+        problems.append(f"--keep_blocks must be 0 or more, got {c.keep_blocks}")
     if c.stage != "full" and c.lm is None and c.init is None:
         problems.append(f"--stage {c.stage} freezes the vision encoder, which from scratch is random: train "
                         f"from scratch with --stage full, or give --lm/--vision or --init")
@@ -506,7 +512,10 @@ def build_model(c, start, vocab_size, ranks):
                             f"{model.config.lm.vocab_size}")
     for name in ("vision", "connector", "lm"):
         getattr(model, name).requires_grad_(name in STAGES[c.stage])
-    model.set_gradient_checkpointing(c.grad_checkpointing)
+    try:
+        model.set_gradient_checkpointing(c.grad_checkpointing, c.keep_blocks)
+    except ValueError as e:
+        raise TrainingError(f"--keep_blocks: {e}") from None
     return model
 
 

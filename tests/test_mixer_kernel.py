@@ -8,7 +8,8 @@ from conftest import DEVICE, check_references_run_off_gpu
 import mixer_kernel
 from mixer_kernel import (causal_conv1d, causal_conv1d_reference, conv_state_after, conv_step, conv_step_reference,
                           gated_norm_out_proj, gated_norm_out_proj_reference, gated_rms_norm, gated_rms_norm_reference,
-                          norm_in_proj_conv, norm_in_proj_conv_reference, rms_norm, rms_norm_reference)
+                          mixer_scan, mixer_scan_reference, norm_in_proj_conv, norm_in_proj_conv_reference, rms_norm,
+                          rms_norm_reference)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -322,4 +323,42 @@ def test_causal_conv1d_backward_sums_partial_rows(d_conv, dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for name, got, want in zip(("dinput", "dweight", "dbias"), grads, exact_grads):
         assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("ngroups,conv_bias", [(1, True), (3, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"), ids=str)
+def test_mixer_scan(ngroups, conv_bias, dtype):
+    """The conv, SSD and gated-norm kernels as one autograd node against autograd through the float64 references
+    composed: the output and the gradients of in_proj's output (written in three parts into one buffer) and of every
+    parameter. 2 x 37 positions (two chunks of 16 and a partial one), 6 heads of 8 channels, dstate 16; zxbcdt in
+    dtype, the parameters float32, as under autocast (bfloat16 on a GPU only: the interpreter has no bfloat16 tl.dot,
+    triton#11584)."""
+    torch.manual_seed(ngroups)
+    batch, seqlen, nheads, headdim, d_state, d_conv = 2, 37, 6, 8, 16, 4
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    zxbcdt = torch.randn(batch, seqlen, d_inner + conv_dim + nheads, device=DEVICE, dtype=torch.float64)
+    params = dict(conv_weight=torch.randn(conv_dim, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5,
+                  conv_bias=torch.randn(conv_dim, device=DEVICE, dtype=torch.float64) if conv_bias else None,
+                  dt_bias=torch.randn(nheads, device=DEVICE, dtype=torch.float64) - 1,
+                  A_log=torch.log(torch.rand(nheads, device=DEVICE, dtype=torch.float64) * 15 + 1),
+                  D=torch.randn(nheads, device=DEVICE, dtype=torch.float64),
+                  norm_weight=torch.rand(d_inner, device=DEVICE, dtype=torch.float64) + 0.5)
+    grad_out = torch.randn(batch, seqlen, d_inner, device=DEVICE, dtype=torch.float64)
+
+    def run(fn, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight):
+        return fn(zxbcdt, conv_weight, conv_bias, dt_bias, -torch.exp(A_log), D, norm_weight, headdim, ngroups, 16,
+                  d_inner // ngroups, 1e-5)
+
+    leaves = [t.requires_grad_() if t is not None else None for t in (zxbcdt, *params.values())]
+    exact, exact_grads = _grads(lambda *a: run(mixer_scan_reference, *a), leaves, grad_out)
+    inputs = [t.detach().to(dtype if i == 0 else torch.float32).requires_grad_() if t is not None else None
+              for i, t in enumerate(leaves)]
+    out, grads = _grads(lambda *a: run(mixer_scan, *a), inputs, grad_out)
+    assert out.dtype == dtype and out.shape == (batch, seqlen, d_inner)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    names = ["dzxbcdt"] + [f"d{name}" for name, t in params.items() if t is not None]
+    for name, got, want in zip(names, grads, exact_grads):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)

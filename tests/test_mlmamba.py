@@ -478,6 +478,30 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     assert calls["lm"] == 3 + 2 + 1 and "forward" not in vars(model.lm.layers[0])
 
 
+def test_kept_blocks_are_not_recomputed_and_give_the_same_gradients():
+    """keep_blocks=1: the last LM block keeps its activations, the first is still recomputed."""
+    model = tiny_model(seed=8)
+    batch = batch_of_three(seed=8)
+    calls = [0, 0]
+    for i, layer in enumerate(model.lm.layers):
+        layer.norm.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def grads():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_gradient_checkpointing(True, keep_blocks=1)
+    kept = grads()
+    assert calls == [1 + 2, 1 + 1]
+    assert "forward" in vars(model.lm.layers[0]) and "forward" not in vars(model.lm.layers[1])
+    for name in plain:
+        torch.testing.assert_close(kept[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="keep_blocks must be 0..2"):
+        model.set_gradient_checkpointing(True, keep_blocks=3)
+
+
 def test_tiny_model_overfits_a_handful_of_examples():
     """Four examples (two with different images, two text-only) learnt by heart in 120 Adam steps."""
     torch.manual_seed(9)

@@ -82,6 +82,8 @@ def test_flags_are_the_config_fields_and_override_the_preset():
         train.parse_args(["--stage", "1"])                                 # from scratch, a frozen random encoder
     with pytest.raises(train.TrainingError, match="--lm and --vision go together"):
         train.parse_args(["--lm", "somewhere"])
+    with pytest.raises(train.TrainingError, match="--keep_blocks goes with --grad_checkpointing"):
+        train.parse_args(["--keep_blocks", "2"])
 
 
 def test_help_shows_each_presets_values(capsys):
