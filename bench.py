@@ -789,10 +789,10 @@ def paper_keep_blocks(quick):
 def paper_phases(args, batch, text):
     """Build the paper-scale model as train.py's `--recipe paper --stage 2 --keep_blocks` (`paper_keep_blocks`) does
     (float32 weights, vision frozen, connector + LM trained, gradient checkpointing but for the last LM blocks, its
-    fused AdamW with decay groups), with random weights, images
-    and text, every text token supervised. Returns the three phases of its optimizer step, in order: forward with the
-    loss (bf16 autocast), backward, update (gradient clipping, AdamW, zero_grad); then the loss of the last forward
-    (a dict), trained and frozen parameter counts, and the visual tokens per image."""
+    fused AdamW with decay groups), with random weights, images and text, every text token supervised. Returns the
+    three phases of its optimizer step, in order: forward with the loss (bf16 autocast), backward, update (gradient
+    clipping, AdamW, zero_grad); then the loss of the last forward (a dict), trained and frozen parameter counts, and
+    the visual tokens per image."""
     from mlmamba import MLMamba
     from train import RECIPES, STAGES, make_optimizer
     recipe = types.SimpleNamespace(**{**RECIPES["paper"]["common"], **RECIPES["paper"]["2"]})

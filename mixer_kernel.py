@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from ssd_kernel import _ssd_bwd, _ssd_fwd, cdiv, next_pow2, reference_off_gpu, ssd_reference
+from ssd_kernel import (_check_chunking, _check_inputs, _ssd_bwd, _ssd_fwd, cdiv, next_pow2, reference_off_gpu,
+                        ssd_reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -747,10 +748,10 @@ def mixer_scan_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_wei
 class _MixerScan(torch.autograd.Function):
     """The conv, SSD and gated-norm kernels as one autograd node. Apart, each backward returns its own gradient (dz,
     dxBC, ddt; dx, dB, dC) and autograd concatenates them for the splits of in_proj's and the conv's outputs: two
-    copies of the widest activations, 0.5 ms a layer at the paper step's shape on an H100 (2026-12-07). Here each
-    backward writes its part of one buffer in place, as mamba_ssm's `mamba_split_conv1d_scan_combined` does
-    (mamba_ssm/ops/triton/ssd_combined.py). Keeps what the three Functions kept: in_proj's output, the conv's output,
-    y and the norm's 1/rms."""
+    copies of the widest activations, which took 0.5 ms a layer at the paper step's shape on an H100 (profiled
+    2026-12-07, before this node). Here each backward writes its part of one buffer in place, as mamba_ssm's
+    `mamba_split_conv1d_scan_combined` does (mamba_ssm/ops/triton/ssd_combined.py). Keeps what the three Functions
+    kept: in_proj's output, the conv's output, y and the norm's 1/rms."""
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headdim, ngroups, chunk, group_size,
@@ -761,7 +762,7 @@ class _MixerScan(torch.autograd.Function):
         x, B, C = _split_xBC(xBC_out, d_inner, headdim, ngroups)
         y, _, delta, a_cumsum = _ssd_fwd(x, dt, A, dt_bias, B, C, D, None, chunk, True)
         y2, z2 = _as_rows(d_inner, y, z)                                          # (rows, d_inner)
-        out, rstd = _norm_fwd(y2, z2, norm_weight, group_size, eps, y.dtype, True)
+        out, rstd = _norm_fwd(y2, z2, norm_weight, group_size, eps, y.dtype, any(ctx.needs_input_grad))
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, xBC_out, delta, a_cumsum,
                               y2, rstd)
         ctx.dims = headdim, ngroups, group_size
@@ -773,9 +774,10 @@ class _MixerScan(torch.autograd.Function):
          rstd) = ctx.saved_tensors
         headdim, ngroups, group_size = ctx.dims
         d_inner, nheads = norm_weight.shape[0], dt_bias.shape[0]
-        dzxbcdt = torch.empty_like(zxbcdt)                        # in_proj's gradient, written in three parts
+        # in_proj's gradient, written in three parts; contiguous, so that dz's rows are a view
+        dzxbcdt = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
         (z, xBC, dt), (dz, dxBC, ddt) = (_split_in_proj(t, d_inner, nheads) for t in (zxbcdt, dzxbcdt))
-        dy2, _, dnorm_weight = _norm_bwd(dout.reshape(-1, d_inner), y2, z.view(-1, d_inner), norm_weight, rstd,
+        dy2, _, dnorm_weight = _norm_bwd(dout.reshape(-1, d_inner), y2, _as_rows(d_inner, z)[0], norm_weight, rstd,
                                          group_size, dz=dz.view(-1, d_inner))
         dxBC_out = torch.empty_like(xBC_out)                      # the conv output's gradient: dx, dB, dC
         (x, B, C), (dx, dB, dC) = (_split_xBC(t, d_inner, headdim, ngroups) for t in (xBC_out, dxBC_out))
@@ -792,6 +794,15 @@ def mixer_scan(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headd
     """As mixer_scan_reference: causal_conv1d's, ssd_scan's and gated_rms_norm's kernels, differentiable in every
     input, with one gradient buffer for in_proj's output (_MixerScan). zxbcdt contiguous in channels; chunk_size a
     power of two ≥ 16."""
+    d_inner, nheads = norm_weight.shape[0], dt_bias.shape[0]
+    _check_chunking("mixer_scan", zxbcdt.shape[1], chunk_size)
+    if d_inner % group_size or d_inner % headdim or conv_weight.shape[0] + d_inner + nheads != zxbcdt.shape[-1]:
+        raise ValueError(f"mixer_scan: zxbcdt's {zxbcdt.shape[-1]} channels must be d_inner {d_inner} (norm_weight's, "
+                         f"a multiple of headdim {headdim} and group_size {group_size}) + conv_dim "
+                         f"{conv_weight.shape[0]} (conv_weight's) + nheads {nheads} (dt_bias's)")
+    _, xBC, dt = _split_in_proj(zxbcdt, d_inner, nheads)
+    x, B, C = _split_xBC(xBC, d_inner, headdim, ngroups)
+    _check_inputs(x, dt, A, B, C, D, None)                              # heads, groups, A and D agree
     if zxbcdt.stride(-1) != 1:
         zxbcdt = zxbcdt.contiguous()
     conv_weight = conv_weight.reshape(conv_weight.shape[0], -1).contiguous()

@@ -137,8 +137,8 @@ class Mamba2Mixer(nn.Module):
             return self.step(u[:, 0], conv_state, ssm_h)[:, None]
         c = self.config
         if _use_kernels(u) and conv_state is None and ssm_h is None and lengths is None:
-            # training: the lines below as one autograd node, whose backward writes in_proj's gradient in place
-            # instead of concatenating its parts (mixer_kernel.mixer_scan)
+            # no cache (training, evaluation): the lines below as one autograd node, whose backward writes
+            # in_proj's gradient in place instead of concatenating its parts (mixer_kernel.mixer_scan)
             A = -torch.exp(self.A_log.float())
             y = mixer_scan(self.in_proj(u), self.conv1d.weight, self.conv1d.bias, self.dt_bias, A, self.D,
                            self.norm.weight, c.headdim, c.ngroups, c.chunk_size, self.norm.group_size, self.norm.eps)

@@ -106,6 +106,13 @@ def _check_inputs(x, dt, A, B, C, D, initial_state):
     _check_D(D, nheads)
 
 
+def _check_chunking(caller, seqlen, chunk_size):
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{caller}: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if seqlen == 0:
+        raise ValueError(f"{caller}: seqlen is 0")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. The definition: one step at a time
 
@@ -973,10 +980,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=F
     chunk_size: a power of two ≥ 16. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1
     (elsewhere ssd_reference runs)."""
     _check_inputs(x, dt, A, B, C, D, initial_state)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"ssd_scan: chunk_size must be a power of two >= 16, got {chunk_size}")
-    if x.shape[1] == 0:
-        raise ValueError("ssd_scan: seqlen is 0")
+    _check_chunking("ssd_scan", x.shape[1], chunk_size)
     B, C = B.to(x.dtype), C.to(x.dtype)
     if B.stride() != C.stride():                                                  # the kernels share B's strides
         B, C = B.contiguous(), C.contiguous()

@@ -217,14 +217,16 @@ def test_cpu_tensors_without_the_interpreter_run_the_references():
     """The entry points on CPU tensors without TRITON_INTERPRET: the references run (saying so), not a crash."""
     setup = ("x, z = torch.randn(3, 64), torch.randn(3, 64)\n"
              "w, state, cw = torch.randn(64), torch.randn(3, 64, 4), torch.randn(64, 1, 4)\n"
-             "lin = torch.nn.Linear(64, 64)")
+             "lin = torch.nn.Linear(64, 64)\n"
+             "zx, cw96, b96 = torch.randn(1, 5, 64 + 96 + 2), torch.randn(96, 1, 4), torch.randn(96)")
     check_references_run_off_gpu("mixer_kernel", setup, {
         "rms_norm": ("rms_norm_reference", "x, w, 1e-5"),
         "gated_rms_norm": ("gated_rms_norm_reference", "x, z, w, 16, 1e-5"),
         "causal_conv1d": ("causal_conv1d_reference", "x[None], cw, w"),
         "conv_step": ("conv_step_reference", "x, state.clone(), cw, w"),
         "norm_in_proj_conv": ("norm_in_proj_conv_reference", "x, w, 1e-5, lin, state.clone(), cw, w"),
-        "gated_norm_out_proj": ("gated_norm_out_proj_reference", "x, z, w, 16, 1e-5, lin, x.clone()")})
+        "gated_norm_out_proj": ("gated_norm_out_proj_reference", "x, z, w, 16, 1e-5, lin, x.clone()"),
+        "mixer_scan": ("mixer_scan_reference", "zx, cw96, b96, w[:2], -w[:2].exp(), None, w, 32, 1, 16, 64, 1e-5")})
 
 
 def _grads(fn, inputs, grad_out):
@@ -326,24 +328,26 @@ def test_causal_conv1d_backward_sums_partial_rows(d_conv, dtype):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize("ngroups,conv_bias", [(1, True), (3, False)])
+@pytest.mark.parametrize("ngroups,conv_bias,has_D", [(1, True, True), (3, False, True), (1, True, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"), ids=str)
-def test_mixer_scan(ngroups, conv_bias, dtype):
+def test_mixer_scan(ngroups, conv_bias, has_D, dtype):
     """The conv, SSD and gated-norm kernels as one autograd node against autograd through the float64 references
-    composed: the output and the gradients of in_proj's output (written in three parts into one buffer) and of every
-    parameter. 2 x 37 positions (two chunks of 16 and a partial one), 6 heads of 8 channels, dstate 16; zxbcdt in
+    composed: the output and the gradients of in_proj's output (written in three parts into one contiguous buffer,
+    while zxbcdt is a slice of a wider tensor, so that strides taken from the wrong one fail) and of every parameter.
+    2 x 37 positions (two chunks of 16 and a partial one), 6 heads of 8 channels, dstate 16; zxbcdt in
     dtype, the parameters float32, as under autocast (bfloat16 on a GPU only: the interpreter has no bfloat16 tl.dot,
     triton#11584)."""
     torch.manual_seed(ngroups)
     batch, seqlen, nheads, headdim, d_state, d_conv = 2, 37, 6, 8, 16, 4
     d_inner = nheads * headdim
     conv_dim = d_inner + 2 * ngroups * d_state
-    zxbcdt = torch.randn(batch, seqlen, d_inner + conv_dim + nheads, device=DEVICE, dtype=torch.float64)
+    width = d_inner + conv_dim + nheads
+    zxbcdt = torch.randn(batch, seqlen, width, device=DEVICE, dtype=torch.float64)
     params = dict(conv_weight=torch.randn(conv_dim, 1, d_conv, device=DEVICE, dtype=torch.float64) * 0.5,
                   conv_bias=torch.randn(conv_dim, device=DEVICE, dtype=torch.float64) if conv_bias else None,
                   dt_bias=torch.randn(nheads, device=DEVICE, dtype=torch.float64) - 1,
                   A_log=torch.log(torch.rand(nheads, device=DEVICE, dtype=torch.float64) * 15 + 1),
-                  D=torch.randn(nheads, device=DEVICE, dtype=torch.float64),
+                  D=torch.randn(nheads, device=DEVICE, dtype=torch.float64) if has_D else None,
                   norm_weight=torch.rand(d_inner, device=DEVICE, dtype=torch.float64) + 0.5)
     grad_out = torch.randn(batch, seqlen, d_inner, device=DEVICE, dtype=torch.float64)
 
@@ -353,8 +357,10 @@ def test_mixer_scan(ngroups, conv_bias, dtype):
 
     leaves = [t.requires_grad_() if t is not None else None for t in (zxbcdt, *params.values())]
     exact, exact_grads = _grads(lambda *a: run(mixer_scan_reference, *a), leaves, grad_out)
-    inputs = [t.detach().to(dtype if i == 0 else torch.float32).requires_grad_() if t is not None else None
-              for i, t in enumerate(leaves)]
+    wide = torch.zeros(batch, seqlen, width + 8, device=DEVICE, dtype=dtype)
+    wide[..., :width] = zxbcdt.detach()
+    inputs = [wide[..., :width].requires_grad_()] + [t.detach().float().requires_grad_() if t is not None else None
+                                                     for t in leaves[1:]]
     out, grads = _grads(lambda *a: run(mixer_scan, *a), inputs, grad_out)
     assert out.dtype == dtype and out.shape == (batch, seqlen, d_inner)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
