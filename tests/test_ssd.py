@@ -154,18 +154,25 @@ def test_scan_half_precision(dtype):
 
 
 def test_scan_noncontiguous_views():
-    """x, B, C, dt as slices of one projection (as the Mamba-2 mixer passes them): no copies needed, same answer."""
+    """x, B, C, dt as slices of one projection (as the Mamba-2 mixer passes them): no copies needed, same answer and
+    gradient (dx has x's shape, its own strides)."""
     batch, seqlen, nheads, headdim, dstate = 2, CHUNK + 5, 4, 16, 16
     xBCdt = torch.randn(batch, seqlen, nheads * headdim + 2 * dstate + nheads, device=DEVICE)
-    x = xBCdt[..., :nheads * headdim].unflatten(-1, (nheads, headdim))
-    B = xBCdt[..., nheads * headdim:nheads * headdim + dstate].unflatten(-1, (1, dstate))
-    C = xBCdt[..., nheads * headdim + dstate:-nheads].unflatten(-1, (1, dstate))
-    dt = xBCdt[..., -nheads:]
     A = -torch.rand(nheads, device=DEVICE) - 0.5
-    y = ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, dt_softplus=True)
-    y_ref = ssd_reference(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size=CHUNK,
-                          dt_softplus=True)
+    dy = torch.randn(batch, seqlen, nheads, headdim, device=DEVICE)
+
+    def run(scan, xBCdt, contiguous):
+        x = xBCdt[..., :nheads * headdim].unflatten(-1, (nheads, headdim))
+        B = xBCdt[..., nheads * headdim:nheads * headdim + dstate].unflatten(-1, (1, dstate))
+        C = xBCdt[..., nheads * headdim + dstate:-nheads].unflatten(-1, (1, dstate))
+        views = [t.contiguous() if contiguous else t for t in (x, xBCdt[..., -nheads:], B, C)]
+        y = scan(views[0], views[1], A, *views[2:], chunk_size=CHUNK, dt_softplus=True)
+        return y, torch.autograd.grad(y, xBCdt, dy)[0]
+
+    y, grad = run(ssd_scan, xBCdt.requires_grad_(), False)
+    y_ref, grad_ref = run(ssd_reference, xBCdt, True)
     assert rel_err(y.cpu(), y_ref.cpu()) < 1e-5
+    assert rel_err(grad.cpu(), grad_ref.cpu()) < 1e-5
 
 
 def test_state_carried_across_calls():
