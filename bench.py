@@ -777,8 +777,8 @@ def paper_config(quick):
 
 
 # The paper row's LM blocks not checkpointed (train.py --keep_blocks): as many as keep batch 16 under 70 GiB, at
-# 0.85 GiB a block (H100, 2026-12-07: 16 blocks took 70.3 GiB).
-PAPER_KEEP_BLOCKS = 14
+# 0.86 GiB a block (H100: 16 blocks took 70.3 GiB on 2026-12-07, 14 took 68.5 on 2026-12-08; 15, 69.4, predicted).
+PAPER_KEEP_BLOCKS = 15
 
 
 def paper_keep_blocks(quick):
