@@ -364,6 +364,48 @@ def test_two_processes_give_the_losses_of_one(tmp_path, mode):
                                    rtol=1e-5, atol=1e-6)
 
 
+STOP_IN_STEP_2 = """
+import os, signal, sys
+import train
+
+seed_step = train.seed_step
+
+def stop_in_step_2(c, step, rank):
+    if step == 1 and rank == 0:             # rank 0 alone is signalled: the other ranks stop with it
+        os.kill(os.getpid(), signal.SIGTERM)
+    seed_step(c, step, rank)
+
+train.seed_step = stop_in_step_2
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_run_of_two_processes_resumes_exactly_in_one(tmp_path):
+    """torchrun with 2 CPU processes (FSDP, gloo) stopped by SIGTERM in step 2 saves a checkpoint; one process resumes
+    it: the losses and final weights of one process that ran all 4 steps, to the rounding of summing over two ranks
+    (as test_two_processes_give_the_losses_of_one). The checkpoint holds the whole model and optimizer state, not the
+    ranks' shards, and each step's data is a global batch."""
+    flags = [*TINY, "--steps", "4", "--micro_batch_size", "2", "--eval_every", "4", "--save_every", "4"]
+    whole = tiny_run(tmp_path / "whole", *flags[len(TINY):])
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_IN_STEP_2)
+    parts = tmp_path / "parts"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--out_dir", str(parts), *flags, "--fsdp"]
+    process = run_bounded(command, 240, "torchrun --nproc_per_node=2 train.py, stopped in step 2", cwd=ROOT,
+                          env=dict(subprocess_env(cpu_only=True), PYTHONPATH=str(ROOT)))
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "stopped by" in process.stdout and checkpoint_step(parts) == 2
+    resumed = train.main(["--out_dir", str(parts), "--resume"])
+    assert resumed["step"] == 4
+    for kind in ("train", "eval"):
+        torch.testing.assert_close(torch.tensor(resumed["history"][kind]), torch.tensor(whole["history"][kind]),
+                                   rtol=1e-5, atol=1e-6)
+    a, b = (load_file(run / "latest" / "model.safetensors") for run in (tmp_path / "whole", parts))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 HANG = """
 import sys, time
 from pathlib import Path
