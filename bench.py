@@ -573,6 +573,34 @@ def sweep_ssd(args, bw):
     return rows
 
 
+def sweep_conv(args, bw):
+    """causal_conv1d forward and backward at the paper step's LM shape (16 x 985 tokens, conv_dim 5376 sliced from
+    in_proj's 10576 channels, bf16, float32 weights) under each tile (mixer_kernel's _CONV_BLOCK_L, _CONV_BLOCK_C,
+    shared by the forward and the two backward kernels), against the floor of their bytes: a sweep for the tile."""
+    import mixer_kernel
+    batch, seqlen = (2, 128) if args.quick else (16, 985)
+    d_inner, conv_dim = 5120, 5376
+    proj = torch.randn(batch, seqlen, d_inner + conv_dim + 80, device="cuda", dtype=torch.bfloat16,
+                       requires_grad=True)
+    weight = torch.randn(conv_dim, 1, 4, device="cuda", requires_grad=True)
+    bias = torch.randn(conv_dim, device="cuda", requires_grad=True)
+    xBC = proj[..., d_inner:d_inner + conv_dim]
+    grad = torch.randn(batch, seqlen, conv_dim, device="cuda", dtype=torch.bfloat16)
+    n = batch * seqlen * conv_dim * 2                    # bytes of one bf16 activation
+    rows = []
+    for tile in ((32, 128), (16, 128), (64, 64), (32, 64), (16, 256), (64, 128), (8, 256)):
+        with _replaced(vars(mixer_kernel), {"_CONV_BLOCK_L": tile[0], "_CONV_BLOCK_C": tile[1]}):
+            fwd = lambda: mixer_kernel.causal_conv1d(xBC, weight, bias)
+            for case, fn, nbytes in (("fwd", fwd, 2 * n),
+                                     ("fwd+bwd", lambda: torch.autograd.grad(fwd(), (proj, weight, bias), grad),
+                                      2 * n + 5 * n)):   # backward: x, dout read, dpre written and read, dx written
+                ms = bench_ms(fn)
+                floor = nbytes / bw * 1e3
+                rows.append(Row("sweep", f"causal_conv1d {case}, tile {tile}", ms,
+                                f"floor {floor:.3f} ms ({floor / ms:.0%})"))
+    return rows
+
+
 @torch.no_grad()
 def profile_prefill(args, bw):
     """Where the first token's time goes, part by part (vision tower, connector, the LM's prefill of 761 positions
@@ -991,7 +1019,8 @@ SECTIONS = {"ssd": bench_ssd, "mixer": bench_mixer, "scan2d": bench_scan2d, "lm"
             "generate": bench_generate, "train": bench_train, "train_lm": bench_train_lm,
             "train_paper": bench_train_paper, "train_step": bench_train_step, "profile_ssd": profile_ssd,
             "profile_train": profile_train, "profile_paper": profile_paper, "profile_decode": profile_decode,
-            "profile_prefill": profile_prefill, "sweep_decode": sweep_decode, "sweep_ssd": sweep_ssd}
+            "profile_prefill": profile_prefill, "sweep_decode": sweep_decode, "sweep_ssd": sweep_ssd,
+            "sweep_conv": sweep_conv}
 
 
 def main():

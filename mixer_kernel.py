@@ -393,8 +393,8 @@ def _causal_conv1d_bwd_dx_kernel(
 _CONV_BLOCK_L, _CONV_BLOCK_C = 32, 128
 
 
-def _conv_grid(batch, seqlen, channels, block_l=_CONV_BLOCK_L):
-    return batch, cdiv(seqlen, block_l), cdiv(channels, _CONV_BLOCK_C)
+def _conv_grid(batch, seqlen, channels):
+    return batch, cdiv(seqlen, _CONV_BLOCK_L), cdiv(channels, _CONV_BLOCK_C)
 
 
 def _conv_fwd(xBC, weight, bias, initial_state):
