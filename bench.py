@@ -593,7 +593,8 @@ def sweep_conv(args, bw):
             fwd = lambda: mixer_kernel.causal_conv1d(xBC, weight, bias)
             for case, fn, nbytes in (("fwd", fwd, 2 * n),
                                      ("fwd+bwd", lambda: torch.autograd.grad(fwd(), (proj, weight, bias), grad),
-                                      2 * n + 5 * n)):   # backward: x, dout read, dpre written and read, dx written
+                                      2 * n + 6 * n)):   # backward: x and dout read, dpre written, dpre and x read,
+                                                         # dx written
                 ms = bench_ms(fn)
                 floor = nbytes / bw * 1e3
                 rows.append(Row("sweep", f"causal_conv1d {case}, tile {tile}", ms,
@@ -804,8 +805,9 @@ def paper_config(quick):
     return MLMambaConfig(vision=towers, connector=ConnectorConfig(), lm=lm)
 
 
-# The paper row's LM blocks not checkpointed (train.py --keep_blocks): as many as keep batch 16 under 70 GiB, at
-# 0.86 GiB a block (H100: 16 blocks took 70.3 GiB on 2026-12-07, 14 took 68.5 on 2026-12-08; 15, 69.4, predicted).
+# The paper row's LM blocks not checkpointed (train.py --keep_blocks): as many as keep batch 16 under 70 GiB. On an
+# H100 a kept block cost 0.85 GiB (2026-12-07: 56.6 GiB with none kept, 70.3 with 16); 14 took 68.5 GiB (2026-12-08),
+# so 15 should take 69.4, not yet measured.
 PAPER_KEEP_BLOCKS = 15
 
 
@@ -819,8 +821,8 @@ def paper_phases(args, batch, text):
     (float32 weights, vision frozen, connector + LM trained, gradient checkpointing but for the last LM blocks, its
     fused AdamW with decay groups), with random weights, images and text, every text token supervised. Returns the
     three phases of its optimizer step, in order: forward with the loss (bf16 autocast), backward, update (gradient
-    clipping, AdamW, zero_grad); then the loss of the last forward (a dict), trained and frozen parameter counts, and
-    the visual tokens per image."""
+    clipping, AdamW, zero_grad); then the loss of the last forward (a dict), the parameter counts (trained, frozen,
+    and those of the kept LM blocks), and the visual tokens per image."""
     from mlmamba import MLMamba
     from train import RECIPES, STAGES, make_optimizer
     recipe = types.SimpleNamespace(**{**RECIPES["paper"]["common"], **RECIPES["paper"]["2"]})
@@ -833,6 +835,8 @@ def paper_phases(args, batch, text):
     optimizer = make_optimizer(model, recipe, torch.device("cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     trained, frozen = sum(p.numel() for p in params), sum(p.numel() for p in model.vision.parameters())
+    kept = sum(p.numel() for block in model.lm.layers[len(model.lm.layers) - paper_keep_blocks(args.quick):]
+               for p in block.parameters())
     ids = torch.randint(0, model.config.lm.vocab_size, (batch, text), device="cuda")
     pixels = torch.rand(batch, 3, model.image_size, model.image_size, device="cuda")
     out = {}
@@ -849,26 +853,27 @@ def paper_phases(args, batch, text):
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (forward, backward, update), out, trained, frozen, model.num_visual_tokens
+    return (forward, backward, update), out, (trained, frozen, kept), model.num_visual_tokens
 
 
 def paper_step_stats(args, batch, text, reps):
-    """The paper-scale optimizer step (`paper_phases`): (loss, ms, peak GiB, trained, frozen, visual tokens)."""
-    phases, out, trained, frozen, V = paper_phases(args, batch, text)
+    """The paper-scale optimizer step (`paper_phases`): (loss, ms, peak GiB, parameter counts, visual tokens)."""
+    phases, out, counts, V = paper_phases(args, batch, text)
 
     def step():
         for phase in phases:
             phase()
         return out["loss"].detach()
-    return (*measure_train_step(step, reps), trained, frozen, V)
+    return (*measure_train_step(step, reps), counts, V)
 
 
 def bench_train_paper(args, bw):
     """ML-Mamba's paper-scale stage-2 step (see `paper_config`, `paper_step_stats`) at batch 16 x (729 + 256)
     tokens: time per step, tokens/s, TFLOP/s counted as 8 x trained parameters x tokens (forward 2, backward 4, the
     checkpointed forward again 2) + 2 x frozen parameters x visual tokens (every vision parameter, though the last
-    block of each tower, past the feature layer, does not run), its fraction of the GPU's dense bf16 peak, and the
-    peak memory (target <= 70 GiB at batch 16)."""
+    block of each tower, past the feature layer, does not run), its fraction of the GPU's dense bf16 peak by that
+    count (issue 14's) and by the work done (the kept LM blocks' forward is not recomputed: 6 x their parameters), and
+    the peak memory (target <= 70 GiB at batch 16)."""
     batch, text = (2, 32) if args.quick else (16, 256)
     try:
         stats = paper_step_stats(args, batch, text, 2 if args.quick else 5)
@@ -878,23 +883,29 @@ def bench_train_paper(args, bw):
     release_memory()                                    # the model and its optimizer, reference cycles included
     if stats is None:
         return [Row("train", f"paper stage 2 b{batch}: out of memory", float("nan"), "target <= 70 GiB")]
-    loss, ms, peak, trained, frozen, V = stats
+    loss, ms, peak, (trained, frozen, kept), V = stats
     shape = f"paper stage 2 b{batch}x({V}+{text})"
     print(f"[train paper] first-step loss {loss:.3f}; trained (connector + LM) {trained / 1e9:.3f}B parameters, "
           f"frozen (vision) {frozen / 1e9:.3f}B")
     tokens = batch * (V + text)
-    tflops = (8 * trained * tokens + 2 * frozen * batch * V) / (ms * 1e-3) / 1e12
+    counted = 8 * trained * tokens + 2 * frozen * batch * V          # issue 14's count: every LM block recomputed
+    done = counted - 2 * kept * tokens                                # the kept blocks run their forward once
+    tflops = counted / (ms * 1e-3) / 1e12
     device = torch.cuda.get_device_name()
     peak_flops = peak_bf16_flops(device)
-    fraction = float("nan") if peak_flops is None else tflops * 1e12 / peak_flops
-    kept = f"the last {paper_keep_blocks(args.quick)} LM blocks not checkpointed"
-    return [Row("train", f"{shape} step, ms", ms, f"{tokens / ms * 1e3:,.0f} tokens/s; {kept}"),
+    fraction, fraction_done = (float("nan") if peak_flops is None else flops / (ms * 1e-3) / peak_flops
+                               for flops in (counted, done))
+    unknown = "unknown: device not in PEAK_BF16_DENSE"
+    peak_note = lambda f: unknown if peak_flops is None else f"{f:.1%} of {device}'s {peak_flops / 1e12:.0f} TFLOP/s"
+    keep = paper_keep_blocks(args.quick)
+    return [Row("train", f"{shape} step, ms", ms, f"{tokens / ms * 1e3:,.0f} tokens/s; the last {keep} LM blocks "
+                                                 f"not checkpointed"),
             Row("train", f"{shape} tokens/s", tokens / ms * 1e3, f"{tokens} tokens per step"),
             Row("train", f"{shape} TFLOP/s", tflops, f"8 x {trained / 1e9:.2f}B x {tokens} tokens + 2 x "
                                                         f"{frozen / 1e9:.2f}B x {batch * V} visual tokens"),
-            Row("train", f"{shape} fraction of bf16 dense peak", fraction,
-                "unknown: device not in PEAK_BF16_DENSE" if peak_flops is None
-                else f"{fraction:.1%} of {device}'s {peak_flops / 1e12:.0f} TFLOP/s"),
+            Row("train", f"{shape} fraction of bf16 dense peak", fraction, peak_note(fraction)),
+            Row("train", f"{shape} fraction of bf16 dense peak, work done", fraction_done,
+                f"{peak_note(fraction_done)}; the {keep} kept blocks' {kept / 1e9:.2f}B parameters counted 6 x"),
             Row("train", f"{shape} peak GiB", peak, "target <= 70 GiB at batch 16")]
 
 
@@ -949,7 +960,7 @@ def profile_paper(args, bw):
     time on the GPU's stream by CUDA events (forward with the loss, backward with the checkpointed recompute, the
     update), then one step under torch.profiler: kernel time by kind of kernel, and its 25 longest kernels."""
     batch, text = (2, 32) if args.quick else (16, 256)
-    phases, out, _, _, _ = paper_phases(args, batch, text)
+    phases, out, _, _ = paper_phases(args, batch, text)
     names = ("forward", "backward", "update")
     for _ in range(2):                                          # autotuning, then the optimizer's state
         for phase in phases:

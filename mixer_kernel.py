@@ -12,7 +12,8 @@ the time per token. Here each is one kernel forward and one backward:
 - `conv_step`       one token of it, shifting the conv state in place (forward only, for decoding)
 
 and, for decoding, the two projections with the norms and the conv step fused in (§3: `norm_in_proj_conv`,
-`gated_norm_out_proj`), so that a block is three kernels per token.
+`gated_norm_out_proj`), so that a block is three kernels per token; for a forward without a cache (training,
+evaluation), `mixer_scan` (§4): the conv, the SSD scan and the gated norm as one autograd node.
 
 On tensors off a GPU, without TRITON_INTERPRET=1, each runs its reference, warning once (reference_off_gpu).
 """
@@ -713,7 +714,7 @@ def gated_norm_out_proj(y, z, norm_weight, group_size, eps, out_proj, h):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. The mixer between its projections in one autograd node (training)
+# 4. The mixer between its projections in one autograd node (training, evaluation)
 
 
 def _split_in_proj(zxbcdt, d_inner, nheads):
@@ -796,6 +797,9 @@ def mixer_scan(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headd
     power of two ≥ 16."""
     d_inner, nheads = norm_weight.shape[0], dt_bias.shape[0]
     _check_chunking("mixer_scan", zxbcdt.shape[1], chunk_size)
+    if conv_weight.dim() != 3 or conv_weight.shape[1] != 1:
+        raise ValueError(f"mixer_scan: conv_weight has shape {tuple(conv_weight.shape)}, expected (conv_dim, 1, "
+                         f"d_conv)")
     if d_inner % group_size or d_inner % headdim or conv_weight.shape[0] + d_inner + nheads != zxbcdt.shape[-1]:
         raise ValueError(f"mixer_scan: zxbcdt's {zxbcdt.shape[-1]} channels must be d_inner {d_inner} (norm_weight's, "
                          f"a multiple of headdim {headdim} and group_size {group_size}) + conv_dim "
