@@ -733,7 +733,8 @@ def _split_xBC(xBC, d_inner, headdim, ngroups):
 
 def mixer_scan_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, headdim, ngroups, chunk_size,
                          group_size, eps):
-    """Mamba2Mixer.forward without a cache, from in_proj's output zxbcdt = [z, x, B, C, dt] to out_proj's input:
+    """Mamba2Mixer.forward without a cache (the Mamba-2 block, SSD paper §7.1), from in_proj's output zxbcdt = [z, x,
+    B, C, dt] to out_proj's input:
 
         x, B, C = SiLU(conv1d(xBC));   y = SSD(x, Δ = softplus(dt + dt_bias), A, B, C) + D x;   RMSNorm(y ⊙ SiLU(z))
 

@@ -136,10 +136,10 @@ class Mamba2Mixer(nn.Module):
         if ssm_h is not None and u.shape[1] == 1 and lengths is None:
             return self.step(u[:, 0], conv_state, ssm_h)[:, None]
         c = self.config
+        A = -torch.exp(self.A_log.float())                          # (nheads,), A < 0
         if _use_kernels(u) and conv_state is None and ssm_h is None and lengths is None:
             # no cache (training, evaluation): the lines below as one autograd node, whose backward writes
             # in_proj's gradient in place instead of concatenating its parts (mixer_kernel.mixer_scan)
-            A = -torch.exp(self.A_log.float())
             y = mixer_scan(self.in_proj(u), self.conv1d.weight, self.conv1d.bias, self.dt_bias, A, self.D,
                            self.norm.weight, c.headdim, c.ngroups, c.chunk_size, self.norm.group_size, self.norm.eps)
             return self.out_proj(y)
@@ -163,7 +163,6 @@ class Mamba2Mixer(nn.Module):
             # recurrence), so the final state is each row's own
             padding = torch.arange(u.shape[1], device=u.device) >= lengths[:, None]
             dt = dt.masked_fill(padding[..., None], -torch.inf)
-        A = -torch.exp(self.A_log.float())                          # (nheads,), A < 0
         scan = ssd_scan if _use_kernels(u) else ssd_reference
         y, ssm_h_last = scan(x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_bias=self.dt_bias,
                              dt_softplus=True, initial_state=ssm_h, return_final_state=True)

@@ -447,6 +447,13 @@ def test_batch_of_two_equals_two_single_runs():
 # Training
 
 
+def loss_grads(model, batch):
+    """The gradients of the loss on batch, by parameter name."""
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     model = tiny_model(seed=8)
     batch = batch_of_three(seed=8)
@@ -454,11 +461,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     # hooks on each block's first module: the recomputation stops early once it has what the backward pass needs
     model.lm.layers[0].norm.register_forward_hook(lambda *a: calls.__setitem__("lm", calls["lm"] + 1))
     model.vision.blocks[0].norm1.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1))
-
-    def grads():
-        model.zero_grad()
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = lambda: loss_grads(model, batch)
 
     plain = grads()
     assert calls == {"lm": 1, "vision": 1}
@@ -486,14 +489,9 @@ def test_kept_blocks_are_not_recomputed_and_give_the_same_gradients():
     for i, layer in enumerate(model.lm.layers):
         layer.norm.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
 
-    def grads():
-        model.zero_grad()
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
+    plain = loss_grads(model, batch)
     model.set_gradient_checkpointing(True, keep_blocks=1)
-    kept = grads()
+    kept = loss_grads(model, batch)
     assert calls == [1 + 2, 1 + 1]
     assert "forward" in vars(model.lm.layers[0]) and "forward" not in vars(model.lm.layers[1])
     for name in plain:
